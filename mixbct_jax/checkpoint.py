@@ -1,0 +1,123 @@
+"""The only module that talks to Orbax.
+
+A run directory holds ``config.json`` and ``checkpoints/<step>/`` written by an Orbax ``CheckpointManager`` with
+two items per step:
+
+* ``state``: the whole train state (parameters, BatchNorm statistics, optimizer state, extra method state), for
+  resuming. Arrays are global, so a run can resume on another number of devices.
+* ``model``: ``{'params': backbone parameters, 'batch_stats': backbone BatchNorm statistics}`` only, which is all
+  that extraction, evaluation, notebooks and the PyTorch converter need. Keeping it separate means loading a model
+  never reads the (large, sharded) class centres or the optimizer state.
+
+Old embeddings and other per-example arrays are never stored here (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json`` atomically (only process 0 writes)."""
+    if jax.process_index() != 0:
+        return
+    path = pathlib.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same folder, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Reads ``<workdir>/config.json``; a clear error when the folder is not a run directory."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not a mixbct-jax run directory. Pass the --workdir of a training "
+            f"run (python -m mixbct_jax.train) or the --out of python -m mixbct_jax.convert."
+        )
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the run's original config file.") from e
+
+
+def manager(workdir: str | os.PathLike, *, keep: int = 3, asynchronous: bool = True) -> ocp.CheckpointManager:
+    """The run's ``CheckpointManager`` (saves are triggered explicitly by the trainer)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True)
+    directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "model"))
+
+
+def model_variables(state_params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+    return {"params": state_params, "batch_stats": batch_stats}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, *, state: PyTree, model: PyTree) -> None:
+    """Saves both items at ``step`` (asynchronously when the manager is)."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model)),
+              force=True)
+
+
+def restore_state(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None) -> tuple[int, PyTree] | None:
+    """Restores the latest (or ``step``) train state into the shardings of ``abstract_state``; None if none saved."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        return None
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return step, restored["state"]
+
+
+def save_model_only(workdir: str | os.PathLike, config: ml_collections.ConfigDict, variables: PyTree,
+                    step: int = 0) -> None:
+    """Writes a run directory holding just a model (``config.json`` + the ``model`` item), e.g. a converted one."""
+    write_config(workdir, config)
+    mngr = manager(workdir, keep=1, asynchronous=False)
+    mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables)), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml_collections.ConfigDict, PyTree]:
+    """Loads ``(config, {'params', 'batch_stats'})`` of the backbone from a run directory, as host NumPy arrays.
+
+    Args:
+      workdir: a training run's ``--workdir`` or a converter's ``--out``.
+      step: a saved step; the latest by default.
+    """
+    config = read_config(workdir)
+    directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    mngr = ocp.CheckpointManager(directory, item_names=("state", "model"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory} holds no checkpoint yet: train the run first (python -m mixbct_jax.train "
+                                f"--workdir {workdir} ...) or convert a model into it.")
+    # Restore to host memory whatever the saving topology was.
+    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
+    mngr.close()
+    variables = jax.tree.map(np.asarray, restored["model"])
+    return config, variables

@@ -1,0 +1,79 @@
+"""Inference: a jitted, device-sharded embedding function rebuilt from a run directory alone.
+
+``load_embedder(workdir)`` reads ``config.json`` and the ``model`` checkpoint item, rebuilds the backbone and
+returns a callable that maps normalised float images [n, H, W, 3] to raw embeddings [n, D] (BatchNorm in
+inference mode). Batches are padded to a fixed size that is a multiple of the device count, so the function is
+compiled once, and sharded over all local devices along the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mixbct_jax import checkpoint, models
+
+
+def normalize_images(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 in [-1, 1]: ``(x / 255 - 0.5) / 0.5`` as in training (SPEC §1.3)."""
+    return (images_uint8.astype(np.float32) / 255.0 - 0.5) / 0.5
+
+
+@dataclasses.dataclass
+class Embedder:
+    """Embeds normalised images with one model; see the module docstring."""
+
+    apply_fn: Callable[[Any, jax.Array], jax.Array]
+    variables: Any
+    image_size: int
+    embedding_size: int
+    batch_size: int
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """float32 [n, H, W, 3] (already normalised) -> float32 [n, D] raw embeddings."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"Embedder expects images [n, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+        out = np.empty((len(images), self.embedding_size), np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:  # pad the last batch so the function keeps one compiled shape
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], np.float32)])
+            out[start:start + n] = np.asarray(self.apply_fn(self.variables, chunk))[:n]
+        return out
+
+
+def make_embedder(config, variables: Any, *, batch_size: int = 256, devices=None) -> Embedder:
+    """An ``Embedder`` for an in-memory model (used by ``load_embedder`` and by evaluation during training)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    batch_size = max(len(devices), (batch_size + len(devices) - 1) // len(devices) * len(devices))
+    model = models.build(config.model.arch, embedding_size=config.model.embedding_size,
+                         input_size=config.model.input_size, width=config.model.get("width", 1.0),
+                         dtype=config.model.get("dtype", "float32"))
+    mesh = Mesh(np.array(devices), ("data",))
+    replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    variables = jax.device_put(variables, replicated)
+
+    @jax.jit
+    def apply(variables, x):
+        x = jax.lax.with_sharding_constraint(x, batch_sharded)
+        return model.apply(variables, x, train=False).astype(jnp.float32)
+
+    def apply_fn(variables, x):
+        return apply(variables, jax.device_put(x, batch_sharded))
+
+    return Embedder(apply_fn=apply_fn, variables=variables, image_size=config.model.input_size,
+                    embedding_size=config.model.embedding_size, batch_size=batch_size)
+
+
+def load_embedder(workdir: str | os.PathLike, *, batch_size: int = 256, step: int | None = None) -> Embedder:
+    """The backbone of the run in ``workdir`` (latest checkpoint unless ``step``) as an ``Embedder``."""
+    config, variables = checkpoint.load_params(workdir, step)
+    return make_embedder(config, variables, batch_size=batch_size)
