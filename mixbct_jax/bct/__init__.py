@@ -1,1 +1,34 @@
-"""bct."""
+"""Backward-compatible training methods, one small module each; the module path is the registry.
+
+A method module may define any of these (the trainer uses defaults for the others):
+
+``NEEDS: tuple[str, ...]``
+    Per-example host arrays gathered by example index and fed with every batch: ``'old_features'`` (old
+    embeddings, row-L2-normalised), ``'credible'`` (MixBCT's denoised mask).
+``init(key, *, config, embedding_size, num_classes) -> (params, state)``
+    Extra trainable parameters (in the backbone's optimizer group) and non-trainable state.
+``before_head(embeddings, batch, *, key, config) -> (embeddings, metrics)``
+    Per device, transforms the local embeddings [b, D] fed to the classification head (MixBCT's mix-up).
+``extra_loss(ctx) -> (loss, new_state, metrics)``
+    Per device, a loss added to the classification loss, expressed as this device's share of a global-batch
+    mean (its gradients are summed over devices). ``ctx`` is a dict: ``embeddings`` [b, D] (new, unmixed),
+    ``batch`` (local arrays), ``labels``, ``params``/``state`` (the method's), ``centres`` (local shard or None),
+    ``key``, ``config``, ``axis_name``, ``global_batch``, ``step``, ``step_info`` (epoch progress).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+METHODS = ("none", "mixbct")
+
+
+def get(name: str) -> types.ModuleType:
+    """The method module ``mixbct_jax.bct.<name>``."""
+    try:
+        return importlib.import_module(f"mixbct_jax.bct.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"mixbct_jax.bct.{name}":
+            raise
+        raise ValueError(f"config.bct.method={name!r} is not a known method; choose one of {METHODS}") from None

@@ -15,6 +15,7 @@ ARCHS = {
     "r50": iresnet.IResNet50,
     "r100": iresnet.IResNet100,
     "r200": iresnet.IResNet200,
+    "r_tiny": iresnet.IResNetTiny,
     "mbf": mobilefacenet.MobileFaceNetSmall,
     "mbf_large": mobilefacenet.MobileFaceNetLarge,
 }

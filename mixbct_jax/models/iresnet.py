@@ -100,3 +100,5 @@ IResNet34 = functools.partial(IResNet, stage_sizes=(3, 4, 6, 3))
 IResNet50 = functools.partial(IResNet, stage_sizes=(3, 4, 14, 3))
 IResNet100 = functools.partial(IResNet, stage_sizes=(3, 13, 30, 3))
 IResNet200 = functools.partial(IResNet, stage_sizes=(6, 26, 60, 6))
+# One block per stage: for tests and the CPU demo only (compiles in seconds), not a published model.
+IResNetTiny = functools.partial(IResNet, stage_sizes=(1, 1, 1, 1))

@@ -1,0 +1,92 @@
+"""Every field a run reads, with the reference's defaults. Config files start from ``default_config()``.
+
+Configs are data: ``configs/<name>.py`` defines ``get_config(arg=None)``, overrides what its recipe changes and
+returns the config locked, so a misspelt ``--config.optim.lrr=...`` is an error. Epochs are resolved into steps
+once by the trainer and never written back.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.parallel = "shard_map"  # or "pmap": the same per-device body under jax.pmap
+    c.total_steps = -1  # > 0 overrides optim.num_epochs
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "r50"  # r18 r34 r50 r100 r200 mbf mbf_large
+    c.model.embedding_size = 512
+    c.model.input_size = 112
+    c.model.width = 1.0  # stage-width multiplier (tiny test models)
+    c.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters
+    c.model.num_classes = -1  # -1: the training subset's class count
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # rec:<prefix> | tfds:<name>[:split] | folder:<dir> | npz:<file> | synthetic[:k=v,..]
+    c.data.scenario = "full"  # full | opclass | opdata | exclass | exdata (SPEC §1.6)
+    c.data.role = "old"  # which side of the scenario this run trains on: old | new
+    c.data.split_ratio = 0.3
+    c.data.global_batch = 1024  # 128 per GPU x 8 in the reference
+    c.data.flip = True
+    c.data.threads = -1  # tf.data parallelism; -1 = AUTOTUNE
+
+    c.head = ml_collections.ConfigDict()
+    c.head.type = "arcface"  # arcface | cosface | combined | softmax
+    c.head.scale = 64.0
+    c.head.margins = (1.0, 0.5, 0.0)  # (m1, m2, m3): ArcFace uses m2, CosFace m3
+    c.head.sample_rate = 1.0  # PartialFC sampling of the class centres
+    c.head.interclass_filtering_threshold = 0.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 0.1
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.clip_norm = 5.0
+    c.optim.num_epochs = 35
+    c.optim.schedule = "poly"  # poly | step
+    c.optim.power = 2.0
+    c.optim.warmup_epochs = 0.0
+    c.optim.decay_epochs = (20, 26, 32)  # for schedule == "step" (UniBCT)
+
+    c.bct = ml_collections.ConfigDict()
+    c.bct.method = "none"
+    c.bct.mix_ratio = 0.3  # MixBCT
+
+    c.old = ml_collections.ConfigDict()  # precomputed arrays of the old model (python -m mixbct_jax.extract/prepare)
+    c.old.features = ""  # features.npy [N, D], row i = example index i of this run's training subset
+    c.old.labels = ""  # labels.npy written by extract; checked against the source when given
+    c.old.credible = ""  # credible.npy bool [N] (MixBCT)
+    c.old.prototypes = ""  # class means [C, D] (BCT, UniBCT)
+    c.old.advbct_meta = ""  # advbct meta .npz (AdvBCT)
+    c.old.workdir = ""  # the old model's run directory (UniBCT refinement, periodic cross evaluation)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.asynchronous = True
+
+    c.log_every_steps = 50
+    c.evals = ml_collections.ConfigDict()
+    c.evals.every_steps = 0  # 0: only at the end when any protocol is set
+    c.evals.retrieval = ""  # a source spec whose held-out part is used for retrieval (empty: off)
+    c.evals.bin = ""  # comma-separated .bin verification files
+    c.evals.batch_size = 256
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses a config argument ``"k1=v1,k2=v2"`` (or bare flags ``"runlocal"`` = True) over ``defaults``."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in out:
+            raise ValueError(f"config argument {key!r} is unknown; known: {sorted(out.keys())}")
+        if not _:
+            out[key] = True
+            continue
+        kind = type(out[key])
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
