@@ -1,0 +1,192 @@
+"""Self/cross evaluation of a new model (and optionally the old one it must be compatible with).
+
+    python -m mixbct_jax.evaluate --new runs/new --old runs/old --protocol ijbc --data /data/ijb --out runs/new/eval
+    python -m mixbct_jax.evaluate --new runs/new --protocol bin --data /data/lfw.bin --out /tmp/eval
+    python -m mixbct_jax.evaluate --new runs/new --old runs/old \\
+        --protocol bin --data /data/faces_val/ --protocol retrieval --data <source spec> --out runs/new/eval
+
+Rows: with --old, old/old, new/new and new/old (new queries against the old gallery: the backward-compatibility
+test); without, new/new only. `--protocol`/`--data` may be repeated in pairs. Data per protocol:
+  bin        a `.bin` pair set, or a folder whose `*.bin` files are all evaluated
+  ijbc/ijbb  the folder that holds IJBC/ (or IJBB/) in the insightface IJB release layout
+  retrieval  a data source spec for `mixbct_jax.data.sources.open_source` (split per class into gallery/queries)
+Writes report.json, report.md and plots into --out (rewritten after each protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from mixbct_jax.evaluation import ijb, report, retrieval, verification
+from mixbct_jax.evaluation.embedding import Embedder, image_size_of
+
+PROTOCOLS = ("bin", "ijbc", "ijbb", "retrieval")
+
+
+def _as_embedder(model: str | os.PathLike | Embedder, batch_size: int) -> Embedder:
+    if isinstance(model, (str, os.PathLike)):
+        from mixbct_jax.embed import load_embedder  # heavy (jax, flax, orbax): import only when needed
+
+        return load_embedder(os.fspath(model), batch_size=batch_size)
+    if callable(model):
+        return model
+    raise TypeError(f"a model must be a run directory or an embedder callable, got {type(model).__name__}")
+
+
+def _describe(model) -> str | None:
+    if model is None:
+        return None
+    return os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+
+
+def _bin_files(data: str) -> list[str]:
+    if os.path.isdir(data):
+        files = sorted(glob.glob(os.path.join(data, "*.bin")))
+        if not files:
+            raise FileNotFoundError(f"{data}: a folder given for --protocol bin must contain *.bin files")
+        return files
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"{data}: no such .bin file or folder")
+    return [data]
+
+
+def evaluate(
+    new_workdir: str | os.PathLike | Embedder,
+    old_workdir: str | os.PathLike | Embedder | None = None,
+    protocols: Sequence[tuple[str, str]] | Mapping[str, str] = (),
+    out_dir: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 256,
+    ijb_scale: str = "reference",
+    ijb_far_index: str = "reference",
+    ijb_tasks: Sequence[str] = ("1:1", "1:N"),
+    gallery_fraction: float = 0.5,
+    num_workers: int = 8,
+) -> dict:
+    """Evaluates the new model (and the old one, if given) on each protocol and writes the report.
+
+    Args:
+      new_workdir: the new model's run directory, or an embedder callable (tests, notebooks).
+      old_workdir: the old model's run directory or embedder; adds the old/old and new/old rows.
+      protocols: (protocol, data) pairs, protocol in bin|ijbc|ijbb|retrieval (see the module docstring).
+      out_dir: where report.json/report.md/plots go (None: no files).
+      batch_size: images per embedder call.
+      ijb_scale: IJB input scale, 'reference' (/128) or 'clean' (/127.5).
+      ijb_far_index: IJB 1:N threshold index, 'reference' (int(n*far)-1) or 'ceil'.
+      ijb_tasks: IJB tasks to run, '1:1' and/or '1:N'.
+      gallery_fraction: per-class gallery share for retrieval.
+      num_workers: image decoding threads.
+
+    Returns:
+      {'new', 'old', 'rows', 'options', 'protocols': {name: {'protocol', 'data', 'rows': {row: metrics}}}}.
+    """
+    pairs = list(protocols.items()) if isinstance(protocols, Mapping) else [tuple(p) for p in protocols]
+    if not pairs:
+        raise ValueError("give at least one (protocol, data) pair")
+    for proto, _ in pairs:
+        if proto not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {proto!r}; choose from {PROTOCOLS}")
+
+    embedders = {"new": _as_embedder(new_workdir, batch_size)}
+    rows = [("new", "new")]
+    if old_workdir is not None:
+        embedders["old"] = _as_embedder(old_workdir, batch_size)
+        rows = [("old", "old"), ("new", "new"), ("new", "old")]
+
+    results = {
+        "new": _describe(new_workdir),
+        "old": _describe(old_workdir),
+        "rows": ["/".join(r) for r in rows],
+        "options": {
+            "batch_size": batch_size,
+            "ijb_scale": ijb_scale,
+            "ijb_far_index": ijb_far_index,
+            "ijb_tasks": list(ijb_tasks),
+            "gallery_fraction": gallery_fraction,
+        },
+        "protocols": {},
+    }
+    for proto, data in pairs:
+        data = os.fspath(data)
+        print(f"== {proto}: {data}", file=sys.stderr)
+        if proto == "bin":
+            sizes = sorted({image_size_of(e) for e in embedders.values()})
+            if len(sizes) != 1:
+                raise ValueError(f"the models expect different image sizes {sizes}; bin needs one size")
+            for path in _bin_files(data):
+                images, issame = verification.load_bin(path, image_size=sizes[0], num_workers=num_workers)
+                name = f"bin:{os.path.splitext(os.path.basename(path))[0]}"
+                res = verification.evaluate_bin(images, issame, embedders, rows, batch_size=batch_size)
+                results["protocols"][name] = {"protocol": "bin", "data": path, "rows": res}
+        elif proto in ("ijbc", "ijbb"):
+            res = ijb.evaluate_ijb(
+                data,
+                embedders,
+                rows,
+                subset=proto.upper(),
+                tasks=ijb_tasks,
+                batch_size=batch_size,
+                scale=ijb_scale,
+                far_index=ijb_far_index,
+                num_workers=num_workers,
+            )
+            results["protocols"][proto] = {"protocol": proto, "data": data, "rows": res}
+        else:
+            from mixbct_jax.data.sources import open_source  # another module's heavy deps: load lazily
+
+            res = retrieval.evaluate_retrieval(
+                open_source(data), embedders, rows, gallery_fraction=gallery_fraction, batch_size=batch_size
+            )
+            results["protocols"][f"retrieval:{data}"] = {"protocol": "retrieval", "data": data, "rows": res}
+        if out_dir is not None:  # after each protocol, so a later failure keeps what is done
+            report.write_report(results, out_dir)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixbct_jax.evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--new", required=True, help="run directory of the new model")
+    parser.add_argument("--old", help="run directory of the old model (adds old/old and new/old)")
+    parser.add_argument("--protocol", action="append", required=True, choices=PROTOCOLS,
+                        help="repeatable; each needs its own --data")
+    parser.add_argument("--data", action="append", required=True, help="data for the matching --protocol")
+    parser.add_argument("--out", required=True, help="output folder for report.json, report.md and plots")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--ijb-scale", choices=("reference", "clean"), default="reference",
+                        help="IJB input scale: reference (x-127.5)/128 or clean (x-127.5)/127.5")
+    parser.add_argument("--ijb-far-index", choices=("reference", "ceil"), default="reference",
+                        help="IJB 1:N threshold index: reference int(n*far)-1 or ceil(n*far)-1")
+    parser.add_argument("--ijb-tasks", choices=("1:1", "1:N", "both"), default="both")
+    parser.add_argument("--gallery-fraction", type=float, default=0.5, help="retrieval: per-class gallery share")
+    parser.add_argument("--workers", type=int, default=8, help="image decoding threads")
+    args = parser.parse_args(argv)
+    if len(args.protocol) != len(args.data):
+        parser.error(f"{len(args.protocol)} --protocol but {len(args.data)} --data; give one --data per protocol")
+    results = evaluate(
+        args.new,
+        args.old,
+        list(zip(args.protocol, args.data)),
+        args.out,
+        batch_size=args.batch_size,
+        ijb_scale=args.ijb_scale,
+        ijb_far_index=args.ijb_far_index,
+        ijb_tasks=("1:1", "1:N") if args.ijb_tasks == "both" else (args.ijb_tasks,),
+        gallery_fraction=args.gallery_fraction,
+        num_workers=args.workers,
+    )
+    with open(os.path.join(args.out, "report.md")) as f:
+        print(f.read())
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""A tiny progress line with rate and ETA, printed to stderr at most once a second."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Counts work done and prints `desc: done/total (pct) rate/s ETA h:mm:ss`.
+
+    Use as a context manager; `update(n)` after each chunk of work. Printing is throttled to one line per
+    `min_interval` seconds (plus a final line on exit), so it costs nothing inside tight loops.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        *,
+        unit: str = "it",
+        stream: TextIO | None = None,
+        min_interval: float = 1.0,
+    ) -> None:
+        self.total = int(total)
+        self.desc = desc
+        self.unit = unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.min_interval = min_interval
+        self.done = 0
+        self._start = time.monotonic()
+        self._last_print = -float("inf")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        """Records `n` more units of work and prints if a second has passed since the last line."""
+        self.done += n
+        now = time.monotonic()
+        if now - self._last_print >= self.min_interval:
+            self._print(now)
+
+    def close(self) -> None:
+        """Prints the final line."""
+        self._print(time.monotonic(), final=True)
+
+    def _print(self, now: float, final: bool = False) -> None:
+        self._last_print = now
+        elapsed = now - self._start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        if final:
+            tail = f"done in {_clock(elapsed)}"
+        else:
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            tail = f"ETA {_clock(eta) if eta == eta else '?'}"
+        self.stream.write(
+            f"{self.desc}: {self.done}/{self.total} ({pct:5.1f}%) {rate:,.1f} {self.unit}/s {tail}\n"
+        )
+        self.stream.flush()
