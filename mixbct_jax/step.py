@@ -46,7 +46,7 @@ def init_state(config, model: nn.Module, method: types.ModuleType, tx: optax.Gra
     variables = model.init(k_model, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     d = config.model.embedding_size
     if is_margin_head(config):
-        rows = sharded_fc.rows_per_shard(num_classes, num_shards) * num_shards
+        rows = sharded_fc.padded_rows(num_classes, num_shards)
         head = {"centres": sharded_fc.init_centres(k_head, rows, d, num_classes)}
     else:
         head = softmax.init(k_head, d, num_classes)
@@ -83,13 +83,17 @@ def normalize_images(images: jax.Array) -> jax.Array:
 def make_body(config, model: nn.Module, method: types.ModuleType, tx: optax.GradientTransformation,
               schedule: optax.Schedule, *, num_classes: int, global_batch: int, steps_per_epoch: int,
               total_steps: int, trace_counter: list | None = None) -> Callable:
-    """Builds ``body(state, batch, key) -> (state, metrics)``, one device's step with axis ``'data'``."""
+    """Builds ``body(state, batch, key, consts) -> (state, metrics)``, one device's step with axis ``'data'``.
+
+    ``consts`` holds the method's frozen device arrays (e.g. BCT's class prototypes, row-sharded like the
+    centres); they are inputs, never part of the state or the checkpoint.
+    """
     compute_dtype = jnp.dtype(config.model.dtype)
     margin_head = is_margin_head(config)
     before_head = getattr(method, "before_head", None)
     extra_loss = getattr(method, "extra_loss", None)
 
-    def body(state, batch, key):
+    def body(state, batch, key, consts):
         if trace_counter is not None:
             trace_counter.append(1)  # runs at trace time only: counts compilations
         step = state["step"]
@@ -121,7 +125,7 @@ def make_body(config, model: nn.Module, method: types.ModuleType, tx: optax.Grad
                 ctx = dict(embeddings=emb, batch=batch, labels=labels, params=params["method"],
                            state=state["method_state"], centres=params["head"].get("centres"), key=k_method,
                            config=config, axis_name=AXIS, global_batch=global_batch, step=step,
-                           steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, consts=consts)
                 extra_share, new_method_state, m = extra_loss(ctx)
                 metrics.update(m)
             aux = (mutated["batch_stats"], new_method_state, cls_report, extra_share, metrics)
@@ -171,8 +175,9 @@ class Parallel:
 
     mesh: Mesh
     mode: str
-    step: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree]]
+    step: Callable[[PyTree, PyTree, jax.Array, PyTree], tuple[PyTree, PyTree]]
     specs: PyTree
+    const_specs: PyTree
 
     @property
     def num_devices(self) -> int:
@@ -185,16 +190,22 @@ class Parallel:
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(AXIS))
 
-    def to_device(self, state: PyTree) -> PyTree:
+    def to_device(self, state: PyTree, specs: PyTree | None = None) -> PyTree:
+        """Global state (or, with ``specs``, any tree such as the consts) -> the step's layout."""
+        specs = self.specs if specs is None else specs
         if self.mode == "shard_map":
-            return jax.device_put(state, self.state_shardings())
+            shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+            return jax.device_put(state, shardings)
         w = self.num_devices
 
         def stack(x, spec):  # host arrays with a leading device axis; pmap places them
             x = np.asarray(jax.device_get(x))
             return x.reshape((w, -1) + x.shape[1:]) if spec == P(AXIS) else np.broadcast_to(x, (w,) + x.shape)
 
-        return jax.tree.map(stack, state, self.specs)
+        return jax.tree.map(stack, state, specs, is_leaf=lambda x: isinstance(x, P))
+
+    def consts_to_device(self, consts: PyTree) -> PyTree:
+        return self.to_device(consts, self.const_specs)
 
     def from_device(self, state: PyTree) -> PyTree:
         if self.mode == "shard_map":
@@ -212,20 +223,27 @@ class Parallel:
         return {k: v.reshape((w, -1) + v.shape[1:]) for k, v in local_batch.items()}
 
 
-def parallelize(body: Callable, state: PyTree, *, mesh: Mesh, mode: str = "shard_map") -> Parallel:
+def const_specs(consts: PyTree) -> PyTree:
+    """Method constants: 2-D class tables (``[C_padded, D]`` prototypes) row-sharded, the rest replicated."""
+    return jax.tree.map(lambda x: P(AXIS) if np.ndim(x) == 2 else P(), consts)
+
+
+def parallelize(body: Callable, state: PyTree, *, mesh: Mesh, mode: str = "shard_map",
+                consts: PyTree = None) -> Parallel:
     """Wraps ``body`` for ``mode`` ('shard_map' or 'pmap'); the state is donated."""
     specs = state_specs(state)
+    cspecs = const_specs(consts if consts is not None else {})
     if mode == "shard_map":
-        mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(AXIS), P()), out_specs=(specs, P()),
+        mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(AXIS), P(), cspecs), out_specs=(specs, P()),
                                check_vma=False)
         step = jax.jit(mapped, donate_argnums=0)
     elif mode == "pmap":
-        pmapped = jax.pmap(body, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0,
+        pmapped = jax.pmap(body, axis_name=AXIS, in_axes=(0, 0, None, 0), donate_argnums=0,
                            devices=list(mesh.devices.flat))
 
-        def step(state, batch, key):
-            new_state, metrics = pmapped(state, batch, key)
+        def step(state, batch, key, consts):
+            new_state, metrics = pmapped(state, batch, key, consts)
             return new_state, jax.tree.map(lambda m: m[0], metrics)
     else:
         raise ValueError(f"config.parallel={mode!r}: choose 'shard_map' or 'pmap'")
-    return Parallel(mesh=mesh, mode=mode, step=step, specs=specs)
+    return Parallel(mesh=mesh, mode=mode, step=step, specs=specs, const_specs=cspecs)

@@ -80,7 +80,7 @@ def run_parallel(config, mode, devices, batch, method_name="none", steps=1):
     par = step_lib.parallelize(body, state, mesh=Mesh(np.array(devices), ("data",)), mode=mode)
     st = par.to_device(state)
     for _ in range(steps):
-        st, metrics = par.step(st, par.put_batch(batch), jax.random.key(1))
+        st, metrics = par.step(st, par.put_batch(batch), jax.random.key(1), par.consts_to_device({}))
     return model, tx, host_state, par.from_device(jax.tree.map(np.asarray, st)), metrics
 
 
@@ -183,6 +183,6 @@ def test_step_is_traced_once_and_state_is_donated():
     st = par.to_device(state)
     for seed in range(3):
         old = st
-        st, _ = par.step(st, par.put_batch(make_batch(seed)), jax.random.key(0))
+        st, _ = par.step(st, par.put_batch(make_batch(seed)), jax.random.key(0), {})
         assert jax.tree.leaves(old)[0].is_deleted()  # donated
     assert len(traces) == 1

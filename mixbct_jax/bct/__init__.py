@@ -5,6 +5,10 @@ A method module may define any of these (the trainer uses defaults for the other
 ``NEEDS: tuple[str, ...]``
     Per-example host arrays gathered by example index and fed with every batch: ``'old_features'`` (old
     embeddings, row-L2-normalised), ``'credible'`` (MixBCT's denoised mask).
+``CONSTS: tuple[str, ...]``
+    Frozen arrays the step receives as ``ctx['consts']`` (never checkpointed): ``'prototypes'`` ([C_padded, D]
+    class means, row-sharded over the device axis like the centres, so the local block is rows
+    ``[d * C_local, (d + 1) * C_local)``).
 ``init(key, *, config, embedding_size, num_classes) -> (params, state)``
     Extra trainable parameters (in the backbone's optimizer group) and non-trainable state.
 ``before_head(embeddings, batch, *, key, config) -> (embeddings, metrics)``
@@ -13,7 +17,12 @@ A method module may define any of these (the trainer uses defaults for the other
     Per device, a loss added to the classification loss, expressed as this device's share of a global-batch
     mean (its gradients are summed over devices). ``ctx`` is a dict: ``embeddings`` [b, D] (new, unmixed),
     ``batch`` (local arrays), ``labels``, ``params``/``state`` (the method's), ``centres`` (local shard or None),
-    ``key``, ``config``, ``axis_name``, ``global_batch``, ``step``, ``step_info`` (epoch progress).
+    ``key``, ``config``, ``axis_name``, ``global_batch``, ``step``, ``steps_per_epoch``, ``total_steps``,
+    ``consts`` (local blocks of the CONSTS arrays).
+``host_update(epoch, *, config, workdir, consts, embed_new, old, subset) -> consts | None``
+    Called by the trainer on the host at the start of every epoch (and on resume); returns replacement consts
+    (UniBCT's prototype refinement) or None. ``embed_new(indices) -> [n, D]`` embeds training examples with the
+    current new model; ``old`` is the ``OldEmbeddings``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ and for the local embeddings; the caller sums backbone gradients over the axis.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -40,8 +41,18 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 def rows_per_shard(num_classes: int, num_shards: int) -> int:
-    """Centres per device; the matrix is zero-padded to ``rows_per_shard * num_shards`` rows."""
+    """Centres per device when the matrix is zero-padded to ``rows_per_shard * num_shards`` rows."""
     return -(-num_classes // num_shards)
+
+
+def padded_rows(num_classes: int, num_shards: int) -> int:
+    """Rows of the stored centre matrix: ``C`` rounded up to a multiple of ``lcm(num_shards, 128)``.
+
+    Rounding to a multiple of 128 rather than of the device count alone keeps the checkpointed shape the same
+    for 1, 2, 4, ..., 128 devices, so a run resumes on another device count without re-padding.
+    """
+    multiple = math.lcm(num_shards, 128)
+    return -(-num_classes // multiple) * multiple
 
 
 def init_centres(key: jax.Array, num_rows: int, embedding_size: int, num_classes: int) -> jax.Array:

@@ -1,0 +1,279 @@
+"""Trains an old model, or a new model with a backward-compatible method, and checkpoints it with Orbax.
+
+  python -m mixbct_jax.train --config configs/quickstart.py --workdir runs/old
+  python -m mixbct_jax.train --config configs/quickstart.py:role=new,method=mixbct --workdir runs/new \
+      --config.old.features=runs/old/emb/features.npy --config.old.credible=runs/old/emb/credible.npy
+
+Rerunning the same command resumes from the latest checkpoint with the same data order and RNG stream. The file
+reads top to bottom in phases: setup, data, model and method, state, input, loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from mixbct_jax import bct, checkpoint, models, optim, step as step_lib
+from mixbct_jax.heads import sharded_fc
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss stops being finite; the last good checkpoint is kept."""
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+    """Joins a multi-process run when a coordinator is given (flags or JAX_COORDINATOR_ADDRESS etc.).
+
+    On Cloud TPU pods and SLURM, ``MIXBCT_DISTRIBUTED=auto`` calls ``jax.distributed.initialize()`` with no
+    arguments and lets JAX detect the cluster.
+    """
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator:
+        num_processes = num_processes if num_processes is not None else int(os.environ["JAX_NUM_PROCESSES"])
+        process_id = process_id if process_id is not None else int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    elif os.environ.get("MIXBCT_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
+def resolve_steps(config, num_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): epochs are resolved once here and never written back."""
+    spe = num_examples // config.data.global_batch
+    if spe == 0:
+        raise ValueError(f"config.data.global_batch={config.data.global_batch} exceeds the {num_examples} training "
+                         f"examples; lower the batch or use more data.")
+    total = config.total_steps if config.total_steps > 0 else int(round(config.optim.num_epochs * spe))
+    return spe, total
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Runs (or resumes) training in ``workdir``; returns the last logged metrics."""
+    # Imported here: they pull in TensorFlow, which the step and the tests of pure maths do not need.
+    from mixbct_jax.data import old_embeddings, pipeline, sources, splits
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------------------------------------------- mesh
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), (step_lib.AXIS,))
+    if config.data.global_batch % len(devices):
+        raise ValueError(f"config.data.global_batch={config.data.global_batch} must be divisible by the "
+                         f"{len(devices)} devices")
+
+    # ---------------------------------------------------------------------------------------------------- data
+    source = sources.open_source(config.data.source)
+    subset = splits.scenario(config.data.scenario, source.labels, config.data.split_ratio)[config.data.role]
+    num_classes = config.model.num_classes if config.model.num_classes > 0 else subset.num_classes
+    steps_per_epoch, total_steps = resolve_steps(config, len(subset))
+    if tuple(source.image_shape[:2]) != (config.model.input_size,) * 2:
+        raise ValueError(f"config.data.source={config.data.source!r} has {source.image_shape[:2]} images but "
+                         f"config.model.input_size={config.model.input_size}; make them agree.")
+
+    # ------------------------------------------------------------------------------------------ model, method
+    model = models.build(config.model.arch, embedding_size=config.model.embedding_size,
+                         input_size=config.model.input_size, width=config.model.width, dtype=config.model.dtype)
+    method = bct.get(config.bct.method)
+    needs = tuple(getattr(method, "NEEDS", ()))
+    const_names = tuple(getattr(method, "CONSTS", ()))
+    old = None
+    if needs or const_names:
+        old = old_embeddings.open_old_embeddings(
+            features=config.old.features, credible=config.old.credible or None, labels=config.old.labels or None,
+            prototypes=config.old.prototypes or None, advbct_meta=config.old.advbct_meta or None)
+        old_embeddings.validate(old, num_examples=len(subset), source_labels=subset.labels,
+                                embedding_size=config.model.embedding_size if config.bct.method == "mixbct" else None,
+                                num_classes=num_classes)
+        if "credible" in needs and old.credible is None:
+            raise ValueError(f"config.bct.method={config.bct.method!r} needs config.old.credible (python -m "
+                             f"mixbct_jax.prepare denoise ...)")
+    schedule = optim.make_schedule(config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    tx = optim.make_optimizer(config.optim, schedule)
+
+    # --------------------------------------------------------------------------------------------------- state
+    key = jax.random.key(config.seed)
+    init_key, step_key = jax.random.split(key)
+
+    def init():
+        return step_lib.init_state(config, model, method, tx, key=init_key, num_classes=num_classes,
+                                   num_shards=len(devices))
+
+    abstract = jax.eval_shape(init)
+    consts = _load_consts(const_names, old, abstract, config)
+    body = step_lib.make_body(config, model, method, tx, schedule, num_classes=num_classes,
+                              global_batch=config.data.global_batch, steps_per_epoch=steps_per_epoch,
+                              total_steps=total_steps)
+    par = step_lib.parallelize(body, abstract, mesh=mesh, mode=config.parallel, consts=consts)
+    shardings = par.state_shardings()
+    mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous)
+    restored = checkpoint.restore_state(
+        mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
+    if restored is None:
+        state = jax.jit(init, out_shardings=shardings)()
+        start_step = 0
+        checkpoint.write_config(workdir, config)
+        _log(f"new run in {workdir}: {len(subset)} examples, {num_classes} classes, {steps_per_epoch} steps/epoch, "
+             f"{total_steps} steps, {len(devices)} devices ({devices[0].platform}), method {config.bct.method}")
+    else:
+        start_step, state = restored
+        _log(f"resuming {workdir} at step {start_step}/{total_steps}")
+    state = par.to_device(state)
+
+    # --------------------------------------------------------------------------------------------------- input
+    batches = pipeline.train_batches(
+        source, subset, global_batch=config.data.global_batch, seed=config.seed, start_step=start_step,
+        flip=config.data.flip, process_index=jax.process_index(), process_count=jax.process_count(),
+        threads=None if config.data.threads < 0 else config.data.threads)
+
+    def device_batch(host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        arrays = {"image": host["image"], "label": host["label"], "index": host["index"]}
+        if old is not None and needs:
+            arrays.update(old_embeddings.batch_arrays(old, needs, host["index"], host["label"]))
+        return par.put_batch(arrays)
+
+    # ---------------------------------------------------------------------------------------------------- loop
+    metrics_path = workdir / "metrics.jsonl"
+    last: dict[str, Any] = {}
+    device_consts = par.consts_to_device(consts)
+    epoch = -1
+    t0, n0 = time.time(), start_step
+
+    def save(step: int) -> None:
+        host_state = par.from_device(state) if config.parallel == "pmap" else state
+        checkpoint.save(mngr, step, state=host_state,
+                        model=checkpoint.model_variables(host_state["params"]["backbone"], host_state["batch_stats"]))
+
+    try:
+        for step in range(start_step, total_steps):
+            if step // steps_per_epoch != epoch:
+                epoch = step // steps_per_epoch
+                device_consts = _host_update(method, epoch, config, workdir, consts, old, subset, par, state,
+                                             device_consts)
+            state, metrics = par.step(state, device_batch(next(batches)), step_key, device_consts)
+            done = step + 1
+            if step == start_step:  # throughput and ETA exclude the compilation of the first step
+                jax.block_until_ready(metrics)
+                t0, n0 = time.time(), done
+            if done % config.log_every_steps == 0 or done == total_steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(last["loss"]) or last["finite"] < 1:
+                    raise NonFiniteLossError(
+                        f"step {done}: the loss is {last['loss']} (non-finite gradients skipped); stopping. The last "
+                        f"good checkpoint (step {mngr.latest_step()}) is kept in {workdir}/checkpoints. Lower "
+                        f"config.optim.lr or check the input data.")
+                elapsed = time.time() - t0
+                rate = max(done - n0, 1e-9) / max(elapsed, 1e-9)
+                last.update(step=done, epoch=done / steps_per_epoch, img_per_s=rate * config.data.global_batch)
+                _append_jsonl(metrics_path, last)
+                _log(f"step {done}/{total_steps} ep {done / steps_per_epoch:.2f} loss {last['loss']:.4f} "
+                     f"lr {last['lr']:.5f} {last['img_per_s']:.0f} img/s ETA {_format_eta((total_steps - done) / rate)}")
+            if done % config.checkpoint.every_steps == 0 or done == total_steps:
+                save(done)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+
+    last.update(_final_evals(config, workdir))
+    return last
+
+
+def _append_jsonl(path: pathlib.Path, record: dict) -> None:
+    if jax.process_index() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _load_consts(names: tuple[str, ...], old, abstract, config) -> dict[str, np.ndarray]:
+    """Frozen per-class tables (prototypes) padded to the centres' row count."""
+    consts = {}
+    rows = abstract["params"]["head"]["centres"].shape[0] if step_lib.is_margin_head(config) else None
+    for name in names:
+        table = np.asarray(getattr(old, name), np.float32)
+        if rows is not None:
+            table = np.concatenate([table, np.zeros((rows - table.shape[0],) + table.shape[1:], np.float32)])
+        consts[name] = table
+    return consts
+
+
+def _host_update(method, epoch, config, workdir, consts, old, subset, par, state, device_consts):
+    """Lets a method replace its consts at an epoch boundary (UniBCT's refinement)."""
+    update = getattr(method, "host_update", None)
+    if update is None:
+        return device_consts
+
+    def embed_new(indices: np.ndarray) -> np.ndarray:
+        from mixbct_jax import embed
+        from mixbct_jax.data import sources
+        host_state = jax.device_get(par.from_device(state))
+        embedder = embed.make_embedder(config, {"params": host_state["params"]["backbone"],
+                                                "batch_stats": host_state["batch_stats"]})
+        images = sources.open_source(config.data.source).read(subset.indices[indices])
+        return embedder(embed.normalize_images(images))
+
+    new = update(epoch, config=config, workdir=workdir, consts=consts, embed_new=embed_new, old=old, subset=subset)
+    if new is None:
+        return device_consts
+    consts.update(new)
+    return par.consts_to_device(consts)
+
+
+def _final_evals(config, workdir) -> dict[str, Any]:
+    """Retrieval (and .bin) evaluation of the finished model through the evaluation package."""
+    protocols = [("retrieval", config.evals.retrieval)] if config.evals.retrieval else []
+    protocols += [("bin", b) for b in filter(None, config.evals.bin.split(","))]
+    if not protocols or jax.process_index() != 0:
+        return {}
+    from mixbct_jax import evaluate
+    results = evaluate.evaluate(workdir, config.old.workdir or None, protocols, out_dir=pathlib.Path(workdir) / "eval",
+                                batch_size=config.evals.batch_size)
+    return {"evals": results["protocols"]}
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A configs/<name>.py[:arg] file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json, metrics.jsonl).")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process run.")
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's rank in a multi-process run.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_):
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+        maybe_initialize_distributed(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+        try:
+            train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        except NonFiniteLossError as e:
+            _log(f"error: {e}")
+            sys.exit(1)
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
