@@ -274,3 +274,50 @@ def gather(old: OldEmbeddings, indices: np.ndarray) -> dict[str, np.ndarray]:
     if old.credible is not None:
         batch["credible"] = np.asarray(old.credible[unique], dtype=bool)[inverse.reshape(-1)]
     return batch
+
+
+# Per-batch arrays a method may name in its NEEDS: gathered by example index, or by label from a class table.
+_BY_INDEX = ("old_features", "credible")
+_BY_LABEL = {"advbct_center": "advbct_centers", "advbct_radius_max": "advbct_radius_max",
+             "advbct_num_kept": "advbct_num_kept"}
+
+
+def batch_arrays(old: OldEmbeddings, needs: tuple[str, ...], indices: np.ndarray,
+                 labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The host arrays a method needs for one batch (``mixbct_jax.bct`` modules' ``NEEDS``).
+
+    Args:
+      old: the arrays from ``open_old_embeddings``.
+      needs: names among ``old_features`` (row-L2-normalised float32 [b, D]), ``credible`` (bool [b]),
+        ``advbct_center`` (float32 [b, D]), ``advbct_radius_max`` (float32 [b]) and ``advbct_num_kept``
+        (int32 [b]); the AdvBCT ones are rows of the class meta for each example's label.
+      indices: [b] example indices.
+      labels: [b] the examples' labels (the model's numbering).
+
+    Returns:
+      Exactly the named arrays, in batch order.
+
+    Raises:
+      ValueError: an unknown name, or a needed file that was not given.
+    """
+    unknown = [name for name in needs if name not in _BY_INDEX and name not in _BY_LABEL]
+    if unknown:
+        raise ValueError(f"unknown per-batch arrays {unknown}; known: {list(_BY_INDEX) + list(_BY_LABEL)}")
+    out: dict[str, np.ndarray] = {}
+    if any(name in _BY_INDEX for name in needs):
+        if "credible" in needs and old.credible is None:
+            raise ValueError("this method needs the credible mask: set config.old.credible "
+                             "(python -m mixbct_jax.prepare denoise)")
+        gathered = gather(old, indices)
+        out.update({name: gathered[name] for name in needs if name in _BY_INDEX})
+    labels = np.asarray(labels).astype(np.int64)
+    for name in needs:
+        if name not in _BY_LABEL:
+            continue
+        table = getattr(old, _BY_LABEL[name])
+        if table is None:
+            raise ValueError(f"this method needs {name}: set config.old.advbct_meta "
+                             "(python -m mixbct_jax.prepare advbct-meta)")
+        dtype = np.int32 if name == "advbct_num_kept" else np.float32
+        out[name] = np.asarray(table[labels], dtype=dtype)
+    return out

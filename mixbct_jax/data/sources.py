@@ -1,0 +1,426 @@
+"""Random-access image sources behind one protocol, opened from a spec string.
+
+* ``synthetic`` or ``synthetic:num_classes=64,min_images=12,max_images=28,image_size=32,seed=0``:
+  :class:`SyntheticFaces`;
+* ``rec:/path/prefix``: insightface ``.rec/.idx`` (the images are JPEG-decoded to RGB);
+* ``folder:/dir[,size=112]``: one sub-folder per class (sorted names -> labels 0..C-1), ``.png/.jpg/.jpeg/.bmp``;
+* ``tfds:name[:split][,data_dir=...,image_key=image,label_key=label,size=N]``: a TFDS data set prepared in the
+  array_record format (``name`` may carry a config and version, ``mnist/foo:1.0.0``; the split defaults to train);
+* ``npz:/path.npz[,size=32]``: arrays ``images`` uint8 [N,H,W] or [N,H,W,3] and ``label``/``labels``.
+
+Options follow the location after commas as ``key=value``, so paths must not contain commas. Every source serves
+uint8 RGB images of one shape ``image_shape``; greyscale is replicated to three channels. Sources that store
+encoded images (rec, folder, tfds) also hand them out undecoded, so the input pipeline can decode them in
+TensorFlow threads.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import threading
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from mixbct_jax.data import recordio
+from mixbct_jax.data.synthetic import SyntheticFaces
+
+SPEC_FORMS = (
+    "synthetic[:num_classes=64,min_images=12,max_images=28,image_size=32,seed=0]",
+    "rec:/path/prefix",
+    "folder:/dir[,size=112]",
+    "tfds:name[:split][,data_dir=/dir,image_key=image,label_key=label,size=N]",
+    "npz:/path.npz[,size=32]",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A labelled image set with random access.
+
+    Attributes:
+      name: the spec it was opened from.
+      labels: int32 [N].
+      num_classes: ``max(labels) + 1`` unless the source declares more.
+      image_shape: ``(H, W, 3)`` of every served image.
+    """
+
+    name: str
+    labels: np.ndarray
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """uint8 [n, H, W, 3] RGB images of examples ``indices``."""
+        ...
+
+    def read_encoded(self, index: int) -> bytes | None:
+        """The stored encoded (JPEG/PNG/BMP) bytes of one example, or None.
+
+        None when the source stores no encoded bytes, or when decoding them would not give exactly what
+        :meth:`read` serves (e.g. a resize is configured).
+        """
+        ...
+
+
+# ---- shared helpers -------------------------------------------------------------------------------------------
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes an [H, W, C] uint8 image to [size, size, C]: area averaging to shrink, bilinear to enlarge."""
+    import cv2
+
+    if image.shape[:2] == (size, size):
+        return image
+    interp = cv2.INTER_AREA if size < min(image.shape[:2]) else cv2.INTER_LINEAR
+    out = cv2.resize(image, (size, size), interpolation=interp)
+    return out.reshape(size, size, image.shape[2])
+
+
+def _to_rgb(images: np.ndarray, what: str) -> np.ndarray:
+    """[..., H, W] or [..., H, W, 1|3] uint8 -> [..., H, W, 3]."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"{what}: images must be uint8; got {images.dtype}")
+    if images.shape[-1] == 3:
+        return images
+    if images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    return np.repeat(images[..., None], 3, axis=-1)
+
+
+def decode_rgb(data: bytes, what: str) -> np.ndarray:
+    """Decodes JPEG/PNG/BMP bytes to uint8 [H, W, 3] RGB with OpenCV (as ``mx.image.imdecode`` does).
+
+    EXIF orientation is ignored, as TensorFlow's decoders (used by the input pipeline) ignore it.
+    """
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise ValueError(f"{what}: cannot decode the image bytes ({len(data)} bytes, starting {data[:8]!r})")
+    return image[:, :, ::-1]  # BGR -> RGB
+
+
+def _check_indices(indices: np.ndarray | list[int], n: int, name: str) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"{name}: index out of range [0, {n}): {idx.min()}..{idx.max()}")
+    return idx
+
+
+def _stack(images: list[np.ndarray], shape: tuple[int, int, int], whats: list[str]) -> np.ndarray:
+    for image, what in zip(images, whats):
+        if image.shape != shape:
+            raise ValueError(
+                f"{what}: image has shape {image.shape}, but this source serves {shape}; images of one source must "
+                "share a size (add ',size=N' to the spec to resize)"
+            )
+    return np.stack(images) if images else np.zeros((0, *shape), np.uint8)
+
+
+def _num_classes(labels: np.ndarray) -> int:
+    return int(labels.max()) + 1 if labels.size else 0
+
+
+# ---- sources -------------------------------------------------------------------------------------------------
+
+
+class SyntheticSource:
+    """The embedded synthetic identities (:class:`SyntheticFaces`)."""
+
+    def __init__(self, name: str, faces: SyntheticFaces):
+        self.name, self.faces = name, faces
+        self.labels = faces.labels
+        self.num_classes = faces.num_classes
+        self.image_shape = faces.image_shape
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        return self.faces.read(indices)
+
+    def read_encoded(self, index: int) -> bytes | None:
+        return None
+
+
+class ArraySource:
+    """Images held in memory (the ``npz`` spec)."""
+
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{name}: need images [N, H, W, 3] and labels [N]; got {images.shape}, {labels.shape}")
+        self.name, self.images = name, images
+        self.labels = labels.astype(np.int32)
+        self.num_classes = _num_classes(self.labels)
+        self.image_shape = tuple(images.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        return self.images[_check_indices(indices, len(self), self.name)]
+
+    def read_encoded(self, index: int) -> bytes | None:
+        return None
+
+
+class RecSource:
+    """An insightface ``.rec/.idx`` pair (:class:`recordio.RecFile`); images decoded to RGB."""
+
+    def __init__(self, name: str, prefix: str | os.PathLike):
+        self.name = name
+        self.rec = recordio.RecFile(prefix)
+        self.labels = self.rec.labels
+        self.num_classes = _num_classes(self.labels)
+        if len(self.rec) == 0:
+            raise ValueError(f"{name}: {self.rec.reader.rec_path} holds no images")
+        self.image_shape = tuple(self._decode(0).shape)
+
+    def __len__(self) -> int:
+        return len(self.rec)
+
+    def _decode(self, i: int) -> np.ndarray:
+        return decode_rgb(self.rec.read_example(i)[1], f"{self.rec.reader.rec_path} key {self.rec.key(i)}")
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        idx = _check_indices(indices, len(self), self.name).tolist()
+        whats = [f"{self.rec.reader.rec_path} key {self.rec.key(i)}" for i in idx]
+        return _stack([self._decode(i) for i in idx], self.image_shape, whats)
+
+    def read_encoded(self, index: int) -> bytes:
+        return self.rec.read_example(int(index))[1]
+
+
+class FolderSource:
+    """An image folder: ``root/<class name>/<image file>``, class names sorted to labels 0..C-1."""
+
+    def __init__(self, name: str, root: str | os.PathLike, size: int | None = None):
+        self.name, self.root, self.size = name, pathlib.Path(root), size
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{name}: {self.root} is not a directory")
+        classes = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files, counts = [], []
+        for folder in classes:
+            found = sorted(
+                p for p in folder.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise ValueError(
+                    f"{name}: class folder {folder} has no {'/'.join(IMAGE_SUFFIXES)} files; remove it so labels "
+                    "stay contiguous"
+                )
+            files += found
+            counts.append(len(found))
+        if not files:
+            raise ValueError(f"{name}: {self.root} has no class sub-folders with images")
+        self.class_names = [p.name for p in classes]
+        self.files = files
+        self.labels = np.repeat(np.arange(len(classes), dtype=np.int32), counts)
+        self.num_classes = len(classes)
+        self.image_shape = (size, size, 3) if size else tuple(self._load(0).shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, i: int) -> np.ndarray:
+        image = decode_rgb(self.files[i].read_bytes(), str(self.files[i]))
+        return _resize(image, self.size) if self.size else image
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        idx = _check_indices(indices, len(self), self.name).tolist()
+        return _stack([self._load(i) for i in idx], self.image_shape, [str(self.files[i]) for i in idx])
+
+    def read_encoded(self, index: int) -> bytes | None:
+        return None if self.size else self.files[int(index)].read_bytes()
+
+
+class TfdsSource:
+    """A TFDS data set prepared in the array_record format, read from its local data_dir only."""
+
+    def __init__(
+        self,
+        name: str,
+        dataset: str,
+        split: str = "train",
+        *,
+        data_dir: str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        size: int | None = None,
+    ):
+        import tensorflow_datasets as tfds
+
+        self.name, self.size = name, size
+        self.image_key, self.label_key = image_key, label_key
+        try:
+            builder = tfds.builder(dataset, data_dir=data_dir)
+        except Exception as e:  # DatasetNotFoundError and friends
+            raise FileNotFoundError(
+                f"{name}: TFDS data set {dataset!r} is not prepared under data_dir={data_dir or '(the TFDS default)'}; "
+                f"prepare it first (e.g. `tfds build {dataset} --file_format=array_record`), nothing is downloaded "
+                f"here ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"{name}: TFDS data set {dataset!r} is not prepared in {builder.data_dir}; run "
+                f"`tfds build {dataset} --file_format=array_record` first (nothing is downloaded here)"
+            )
+        features = builder.info.features
+        for key in (image_key, label_key):
+            if key not in features:
+                raise ValueError(f"{name}: feature {key!r} not in {list(features.keys())}; pass image_key=/label_key=")
+        try:
+            self._decoded = builder.as_data_source(split)
+            self._raw = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()})
+        except NotImplementedError as e:
+            raise ValueError(
+                f"{name}: random access needs the data set prepared as array_record (TFDS >= 4.9, "
+                f"`tfds build {dataset} --file_format=array_record`); it is stored as {builder.info.file_format}"
+            ) from e
+        self._lock = threading.Lock()  # the data sources are not documented as thread-safe
+        shape = features[image_key].shape
+        if size:
+            self.image_shape = (size, size, 3)
+        elif shape[0] is None or shape[1] is None:
+            raise ValueError(f"{name}: images have variable size {shape}; add ',size=N' to the spec to resize")
+        else:
+            self.image_shape = (shape[0], shape[1], 3)
+        self.labels = self._scan_labels()
+        declared = getattr(features[label_key], "num_classes", None)
+        self.num_classes = int(declared) if declared else _num_classes(self.labels)
+
+    def _scan_labels(self, chunk: int = 4096) -> np.ndarray:
+        # Read once through the undecoded source: no image is decoded.
+        n = len(self._raw)
+        labels = np.empty(n, np.int32)
+        for start in range(0, n, chunk):
+            rows = self._raw.__getitems__(list(range(start, min(n, start + chunk))))
+            labels[start : start + len(rows)] = [r[self.label_key] for r in rows]
+        return labels
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        idx = _check_indices(indices, len(self), self.name).tolist()
+        with self._lock:
+            rows = self._decoded.__getitems__(idx) if idx else []
+        images = [_to_rgb(np.asarray(r[self.image_key]), self.name) for r in rows]
+        if self.size:
+            images = [_resize(im, self.size) for im in images]
+        return _stack(images, self.image_shape, [f"{self.name} example {i}" for i in idx])
+
+    def read_encoded(self, index: int) -> bytes | None:
+        if self.size:
+            return None
+        with self._lock:
+            return self._raw[int(index)][self.image_key]
+
+
+def _load_npz(name: str, path: str, size: int | None) -> ArraySource:
+    try:
+        with np.load(path) as z:
+            if "images" not in z.files or not ({"label", "labels"} & set(z.files)):
+                raise ValueError(f"{name}: {path} needs arrays 'images' and 'label' (or 'labels'); has {z.files}")
+            images = z["images"]
+            labels = z["label"] if "label" in z.files else z["labels"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}: {path} not found") from None
+    if images.ndim not in (3, 4) or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{name}: {path}: need images [N,H,W] or [N,H,W,C] and labels [N]; got {images.shape}, {labels.shape}"
+        )
+    images = _to_rgb(images, f"{name}: {path} 'images'")
+    if size:
+        images = np.stack([_resize(im, size) for im in images]) if len(images) else images.reshape(0, size, size, 3)
+    return ArraySource(name, images, np.asarray(labels).astype(np.int64))
+
+
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def _parse(spec: str) -> tuple[str, str, dict[str, str]]:
+    kind, _, rest = spec.partition(":")
+    location, *options = rest.split(",") if rest else [""]
+    parsed = {}
+    for opt in options:
+        key, eq, value = opt.partition("=")
+        if not eq or not key:
+            raise ValueError(f"source spec {spec!r}: option {opt!r} is not key=value")
+        parsed[key.strip()] = value.strip()
+    if kind == "synthetic" and "=" in location:  # synthetic:k=v,... has no location
+        key, _, value = location.partition("=")
+        parsed = {key.strip(): value.strip(), **parsed}
+        location = ""
+    return kind, location, parsed
+
+
+def _take_int(options: dict[str, str], key: str, spec: str) -> int | None:
+    if key not in options:
+        return None
+    try:
+        value = int(options.pop(key))
+    except ValueError:
+        raise ValueError(f"source spec {spec!r}: {key} must be an integer") from None
+    if value < 1:
+        raise ValueError(f"source spec {spec!r}: {key} must be >= 1")
+    return value
+
+
+def _no_more(options: dict[str, str], spec: str, allowed: tuple[str, ...]) -> None:
+    if options:
+        raise ValueError(f"source spec {spec!r}: unknown option(s) {sorted(options)}; allowed: {allowed or 'none'}")
+
+
+def open_source(spec: str) -> Source:
+    """Opens a source from a spec string (see the module docstring for the forms).
+
+    Args:
+      spec: e.g. ``'synthetic:num_classes=8'``, ``'rec:/data/ms1m/train'``, ``'folder:/imgs,size=112'``,
+        ``'tfds:mnist:test'``, ``'npz:/data/omniglot_small_28.npz,size=32'``.
+
+    Returns:
+      A :class:`Source`.
+    """
+    kind, location, options = _parse(spec)
+    if kind == "synthetic":
+        fields = {f.name for f in SyntheticFaces.__dataclass_fields__.values()}
+        unknown = set(options) - fields
+        if location or unknown:
+            raise ValueError(f"source spec {spec!r}: synthetic takes only key=value options from {sorted(fields)}")
+        try:
+            values = {k: int(v) for k, v in options.items()}
+        except ValueError:
+            raise ValueError(f"source spec {spec!r}: synthetic options must be integers") from None
+        return SyntheticSource(spec, SyntheticFaces(**values))
+    if not location and kind in ("rec", "folder", "tfds", "npz"):
+        raise ValueError(f"source spec {spec!r}: {kind} needs a location after '{kind}:'")
+    if kind == "rec":
+        _no_more(options, spec, ())
+        prefix = re.sub(r"\.(rec|idx)$", "", location)
+        return RecSource(spec, prefix)
+    if kind == "folder":
+        size = _take_int(options, "size", spec)
+        _no_more(options, spec, ("size",))
+        return FolderSource(spec, location, size)
+    if kind == "npz":
+        size = _take_int(options, "size", spec)
+        _no_more(options, spec, ("size",))
+        return _load_npz(spec, location, size)
+    if kind == "tfds":
+        dataset, split = location, "train"
+        head, colon, tail = location.rpartition(":")
+        if colon and not _VERSION.match(tail):  # 'name:1.2.3' is a version, 'name:test' a split
+            dataset, split = head, tail
+        size = _take_int(options, "size", spec)
+        kwargs = {k: options.pop(k) for k in ("data_dir", "image_key", "label_key") if k in options}
+        _no_more(options, spec, ("data_dir", "image_key", "label_key", "size"))
+        return TfdsSource(spec, dataset, split, size=size, **kwargs)
+    raise ValueError(f"unknown source spec {spec!r}; use one of:\n  " + "\n  ".join(SPEC_FORMS))
