@@ -111,7 +111,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     config = read_config(workdir)
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
     mngr = ocp.CheckpointManager(directory, item_names=("state", "model"),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
+                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory} holds no checkpoint yet: train the run first (python -m mixbct_jax.train "

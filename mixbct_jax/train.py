@@ -183,12 +183,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         f"step {done}: the loss is {last['loss']} (non-finite gradients skipped); stopping. The last "
                         f"good checkpoint (step {mngr.latest_step()}) is kept in {workdir}/checkpoints. Lower "
                         f"config.optim.lr or check the input data.")
-                elapsed = time.time() - t0
-                rate = max(done - n0, 1e-9) / max(elapsed, 1e-9)
+                rate = (done - n0) / max(time.time() - t0, 1e-9)  # steps/s since the first (compiling) step
                 last.update(step=done, epoch=done / steps_per_epoch, img_per_s=rate * config.data.global_batch)
                 _append_jsonl(metrics_path, last)
+                speed = f"{last['img_per_s']:.0f} img/s ETA {_format_eta((total_steps - done) / rate)}" if rate else ""
                 _log(f"step {done}/{total_steps} ep {done / steps_per_epoch:.2f} loss {last['loss']:.4f} "
-                     f"lr {last['lr']:.5f} {last['img_per_s']:.0f} img/s ETA {_format_eta((total_steps - done) / rate)}")
+                     f"lr {last['lr']:.5f} {speed}")
             if done % config.checkpoint.every_steps == 0 or done == total_steps:
                 save(done)
     finally:

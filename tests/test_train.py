@@ -1,0 +1,108 @@
+"""End to end: the quickstart config trains, checkpoints, resumes exactly, and every config file loads."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from mixbct_jax import checkpoint, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def quick(steps: int, **kw):
+    config = load_config("quickstart", "runlocal")
+    with config.unlocked():
+        config.total_steps = steps
+        config.checkpoint.every_steps = 3
+        config.checkpoint.asynchronous = False
+        for k, v in kw.items():
+            config[k] = v
+    return config
+
+
+def backbone(workdir):
+    _, variables = checkpoint.load_params(workdir)
+    return variables
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    train.train_and_evaluate(quick(6), workdir)
+    return workdir
+
+
+def test_quickstart_trains_and_writes_run_directory(straight_run):
+    records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(np.isfinite(r["loss"]) and r["finite"] == 1.0 for r in records)
+    assert records[0]["lr"] > records[-1]["lr"] > 0
+    assert {"loss", "lr", "img_per_s", "grad_norm"} <= set(records[0])
+    config = checkpoint.read_config(straight_run)
+    assert config.model.arch == "r_tiny" and config.total_steps == 6
+    assert sorted(int(p.name) for p in (straight_run / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+
+def test_rerunning_the_same_command_resumes_and_matches_a_straight_run(tmp_path, straight_run, monkeypatch):
+    workdir = tmp_path / "resumed"
+    original_save = checkpoint.save
+
+    def save_then_die(mngr, step, **kw):
+        original_save(mngr, step, **kw)
+        if step == 3:
+            raise KeyboardInterrupt("killed after the step-3 checkpoint")
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(quick(6), workdir)
+    monkeypatch.setattr(checkpoint, "save", original_save)
+    train.train_and_evaluate(quick(6), workdir)  # the same command again
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]  # 4 and 6 logged by the resumed process
+    straight = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in straight], rtol=1e-5)
+    a, b = backbone(workdir), backbone(straight_run)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_finished_run_is_not_retrained(straight_run, capsys):
+    before = (straight_run / "metrics.jsonl").read_text()
+    train.train_and_evaluate(quick(6), straight_run)
+    assert (straight_run / "metrics.jsonl").read_text() == before
+    assert "resuming" in capsys.readouterr().err
+
+
+def test_pmap_mode_trains(tmp_path):
+    train.train_and_evaluate(quick(2, parallel="pmap"), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and np.isfinite(records[-1]["loss"])
+    assert checkpoint.load_params(tmp_path)[1]["params"]["fc"]["kernel"].shape[1] == 64
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    config = quick(6)
+    with config.unlocked():
+        config.optim.lr = 1e30  # diverges
+        config.optim.clip_norm = 0.0
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_config_loads_locked(path):
+    config = load_config(path.stem)
+    assert config.is_locked
+    with pytest.raises(AttributeError):
+        config.optim.not_a_field = 1
