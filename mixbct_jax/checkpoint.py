@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mixbct_jax.files import write_text_atomic
 
 PyTree = Any
 CONFIG_FILE = "config.json"
@@ -37,18 +38,6 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
     path = pathlib.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -110,14 +99,19 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     """
     config = read_config(workdir)
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-    mngr = ocp.CheckpointManager(directory, item_names=("state", "model"),
+    mngr = ocp.CheckpointManager(directory, item_handlers={"model": ocp.StandardCheckpointHandler()},
                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory} holds no checkpoint yet: train the run first (python -m mixbct_jax.train "
                                 f"--workdir {workdir} ...) or convert a model into it.")
-    # Restore to host memory whatever the saving topology was.
-    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
+    # Restore onto one local device whatever the saving topology was: without a target Orbax rebuilds the saved
+    # shardings, which fails when the devices differ (another device count, or a multi-process run's devices).
+    device = jax.local_devices()[0]
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+        mngr.item_metadata(step)["model"])
+    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
     mngr.close()
     variables = jax.tree.map(np.asarray, restored["model"])
     return config, variables

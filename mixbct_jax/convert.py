@@ -31,7 +31,6 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -43,6 +42,7 @@ import numpy as np
 from flax import traverse_util
 
 from mixbct_jax import checkpoint, models
+from mixbct_jax.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -488,15 +488,7 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.P
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = collections.OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state_dict.items())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(tensors, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def converted_config(arch: str, embedding_size: int, input_size: int, source: str) -> ml_collections.ConfigDict:

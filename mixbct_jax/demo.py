@@ -90,6 +90,8 @@ def run(out: str | pathlib.Path, *, steps: int = 300) -> dict:
             evaluate.evaluate(run_dir, old, [("retrieval", HELD_OUT)], out_dir=report_dir, batch_size=128)
         rows = json.loads((report_dir / "report.json").read_text())["protocols"][f"retrieval:{HELD_OUT}"]["rows"]
         table[name] = rows
+    report_lib.plot_training_curves({"old": old / "metrics.jsonl", "new_only": new_only / "metrics.jsonl",
+                                     "mixbct": mixbct / "metrics.jsonl"}, out / "reports" / "training_curves.png")
     _print_table(table, out)
     return table
 
@@ -105,7 +107,8 @@ def _print_table(table: dict, out: pathlib.Path) -> None:
             lines.append(f"| {name} | {row} | {m['top1']:.3f} | {m['top5']:.3f} | {m['mAP']:.3f} |")
     lines += ["", "Compatible (BCT criterion): new/old mAP > old/old mAP: " + ", ".join(
         f"{name} {'yes' if rows['new/old']['mAP'] > old_row['mAP'] else 'no'}" for name, rows in table.items()),
-        "", f"Reports and plots: {out / 'reports'}/<model>/report.md, *.png"]
+        "", f"Reports and plots: {out / 'reports'}/<model>/report.md, *.png; "
+        f"training curves: {out / 'reports' / 'training_curves.png'}"]
     text = "\n".join(lines)
     print(text)
     report_lib.write_text_atomic(out / "reports" / "summary.md", text + "\n")

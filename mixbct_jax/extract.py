@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mixbct_jax.files import write_text_atomic
+
 PROGRESS = "extract_progress.json"
 
 
@@ -115,7 +117,7 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
             now = time.time()
             if now - last_report > 5 or rows == n:
                 features.flush()
-                _write_json(progress_path, {"signature": signature, "rows_done": rows})
+                write_text_atomic(progress_path, json.dumps({"signature": signature, "rows_done": rows}))
                 rate = (rows - done) / max(now - t0, 1e-9)
                 _log(f"extract {rows}/{n} ({100 * rows / n:.1f}%) {rate:.0f} img/s ETA {(n - rows) / max(rate, 1e-9):.0f}s")
                 last_report = now
@@ -129,12 +131,6 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
     progress_path.unlink(missing_ok=True)
     _log(f"wrote {final_features} [{n}, {d}] {dtype} and {final_labels}")
     return {"features": str(final_features), "labels": str(final_labels)}
-
-
-def _write_json(path: pathlib.Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +24,8 @@ from typing import BinaryIO
 
 import numpy as np
 import scipy.sparse
+
+from mixbct_jax.files import atomic_write
 
 # Row- and column-normalisation guard, as SPEC's "row-L2-normalise": x / max(||x||, 1e-12).
 _EPS = 1e-12
@@ -439,21 +440,16 @@ def _warn_missing(counts: np.ndarray) -> None:
 # Command line.
 # ------------------------------------------------------------------------------------------------
 def _save_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Writes a file through ``write(fileobj)`` to a temp file in the same folder, then renames it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Writes a file through ``write(fileobj)`` atomically (fsync'ed before the rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write_path(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write_path)
 
 
 def _fail(command: str, message: str) -> SystemExit:

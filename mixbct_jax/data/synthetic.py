@@ -71,7 +71,7 @@ class SyntheticFaces:
         return {
             "centre": rng.uniform(0.2, 0.8, size=(c, k, 2)),  # [C, K, (y, x)] in units of the image side
             "sigma": rng.uniform(0.06, 0.16, size=(c, k)),  # [C, K]
-            "colour": rng.uniform(-1.0, 1.0, size=(c, k, 3)),  # [C, K, 3]
+            "colour": rng.uniform(-0.7, 0.7, size=(c, k, 3)),  # [C, K, 3]
             "background": rng.uniform(0.25, 0.6, size=(c, 3)),  # [C, 3]
         }
 
@@ -86,10 +86,10 @@ class SyntheticFaces:
 
         # Per-image variation, a pure function of (seed, index).
         var = np.stack([np.random.default_rng([self.seed, 3, int(i)]).random(6) for i in idx]) if n else np.zeros((0, 6))
-        shift = (var[:, 0:2] - 0.5) * 0.16  # up to ±8% of the side
-        angle = (var[:, 2] - 0.5) * 0.35  # about ±10 degrees
-        gain = 0.75 + 0.5 * var[:, 3]  # contrast
-        bias = (var[:, 4] - 0.5) * 0.25  # brightness
+        shift = (var[:, 0:2] - 0.5) * 0.24  # up to ±12% of the side
+        angle = (var[:, 2] - 0.5) * 0.8  # about ±23 degrees
+        gain = 0.6 + 0.8 * var[:, 3]  # contrast
+        bias = (var[:, 4] - 0.5) * 0.4  # brightness
 
         grid = (np.arange(s) + 0.5) / s  # [S]
         yy, xx = np.meshgrid(grid, grid, indexing="ij")  # [S, S]
@@ -105,5 +105,5 @@ class SyntheticFaces:
         img = app["background"][labels][:, None, None, :] + np.einsum("nkhw,nkc->nhwc", weight, app["colour"][labels])
         img = gain[:, None, None, None] * (img - 0.5) + 0.5 + bias[:, None, None, None]
 
-        noise = np.stack([np.random.default_rng([self.seed, 4, int(i)]).normal(0, 0.06, (s, s, 3)) for i in idx]) if n else 0.0
+        noise = np.stack([np.random.default_rng([self.seed, 4, int(i)]).normal(0, 0.15, (s, s, 3)) for i in idx]) if n else 0.0
         return np.clip((img + noise) * 255.0, 0, 255).round().astype(np.uint8)

@@ -15,10 +15,10 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable
 
 import numpy as np
+from mixbct_jax.files import atomic_write, write_text_atomic  # noqa: F401 (re-exported)
 from matplotlib.figure import Figure  # not pyplot: no global backend or figure state to disturb notebooks
 
 ROW_ORDER = ("old/old", "new/new", "new/old")
@@ -26,29 +26,6 @@ CROSS, OLD_SELF = "new/old", "old/old"
 
 
 # ------------------------------------------------------------------------------------------------ files
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes text to `path` via a temporary file in the same folder and os.replace."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
 
 
 def to_jsonable(obj):
@@ -146,7 +123,7 @@ def compatible(protocol: str, rows: dict[str, dict]) -> bool | None:
 
 
 def _save(fig, path: str) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def _plot_roc(name: str, rows: dict[str, dict], path: str) -> None:
@@ -198,6 +175,24 @@ def _plot_bars(name: str, protocol: str, rows: dict[str, dict], path: str) -> No
 
 
 # ------------------------------------------------------------------------------------------------ report
+
+
+def plot_training_curves(runs: dict[str, str | os.PathLike], path: str | os.PathLike) -> None:
+    """Loss and learning rate against step, one line per run, from each run's ``metrics.jsonl``."""
+    fig = Figure(figsize=(10, 3.6))
+    ax_loss, ax_lr = fig.subplots(1, 2)
+    for name, metrics_path in runs.items():
+        with open(metrics_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        steps = [r["step"] for r in records]
+        ax_loss.plot(steps, [r["loss"] for r in records], label=name)
+        ax_lr.plot(steps, [r["lr"] for r in records], label=name)
+    ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="schedule")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.grid(alpha=0.3)
+    _save(fig, os.fspath(path))
 
 
 def _slug(name: str) -> str:
