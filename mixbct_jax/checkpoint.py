@@ -99,8 +99,14 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     """
     config = read_config(workdir)
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-    mngr = ocp.CheckpointManager(directory, item_handlers={"model": ocp.StandardCheckpointHandler()},
-                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    # Process-local: in a multi-process run any subset of the processes may load (evaluation runs on process 0
+    # only), so the manager must not wait at barriers for the others.
+    local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler()}
+    mngr = ocp.CheckpointManager(directory, item_handlers=handlers,
+                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                      multiprocessing_options=local))
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory} holds no checkpoint yet: train the run first (python -m mixbct_jax.train "

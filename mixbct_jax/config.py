@@ -51,9 +51,36 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.warmup_epochs = 0.0
     c.optim.decay_epochs = (20, 26, 32)  # for schedule == "step" (UniBCT)
 
-    c.bct = ml_collections.ConfigDict()
-    c.bct.method = "none"
+    c.bct = ml_collections.ConfigDict()  # docs/methods.md explains every field and each reference quirk
+    c.bct.method = "none"  # none | mixbct | l2 | bct | unibct | nccl | advbct
     c.bct.mix_ratio = 0.3  # MixBCT
+    # L2 / weakened L2 (SPEC §4.1): weight x mean hinge of ||n(o) - n(e)|| above the threshold.
+    c.bct.l2_weight = 10.0
+    c.bct.l2_threshold = 0.0  # 0: "L2"; 0.2: "weakened L2"
+    # BCT / UniBCT influence loss (SPEC §4.2): CE of n(e) . prototypes (no scale, no margin).
+    c.bct.influence_weight = 1.0
+    # UniBCT (SPEC §4.3)
+    c.bct.unibct_start_epoch = 10  # influence loss weight 0 before this epoch
+    c.bct.unibct_refine_epochs = (10, 20)  # prototype refinement at the start of these epochs
+    c.bct.unibct_affinity = "row"  # "row": row-stochastic affinity (paper); "column": reference (= class mean)
+    c.bct.unibct_lambda = 0.9  # propagation weight of (1 - lam)(I - lam A)^-1
+    c.bct.unibct_temperature = 0.05  # affinity temperature on cosines of the new features
+    c.bct.unibct_normalize_prototypes = False  # reference: refined prototypes stay unnormalised
+    # NCCL (SPEC §4.4)
+    c.bct.nccl_queue_size = 8192  # Q, >= the global batch
+    c.bct.nccl_alpha = 1.0  # embedding-level loss weight
+    c.bct.nccl_beta = 0.01  # logit-level loss weight
+    c.bct.nccl_temperature = 1.0
+    c.bct.nccl_logit_grad = True  # reference: False (its logit loss is built on a non-differentiable gather)
+    c.bct.nccl_normalize_logits = True  # cosine of logit vectors; reference: False (raw dot products)
+    c.bct.nccl_clamp_logits = False  # reference: True (clamps the x s logits to [-1, 1], an fp16-branch artefact)
+    c.bct.nccl_amplify_grad = False  # reference: True (the embedding-level gradient arrives x #devices)
+    c.bct.nccl_count_empty_slots = False  # reference: True (empty queue slots enter the softmax denominators)
+    # AdvBCT (SPEC §4.5)
+    c.bct.advbct_threshold = 0.4  # radius threshold of the boundary loss
+    c.bct.advbct_p2s_weight = 4.0  # point-to-set boundary loss weight
+    c.bct.advbct_adv_weight = 4.0  # adversarial loss weight, decayed by (E - e + 1) / E
+    c.bct.advbct_hidden = 100  # discriminator hidden width
 
     c.old = ml_collections.ConfigDict()  # precomputed arrays of the old model (python -m mixbct_jax.extract/prepare)
     c.old.features = ""  # features.npy [N, D], row i = example index i of this run's training subset
@@ -75,6 +102,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.evals.bin = ""  # comma-separated .bin verification files
     c.evals.batch_size = 256
     return c
+
+
+METHOD_PRESETS = ("mixbct", "none", "l2", "weakened_l2", "bct", "unibct", "nccl", "advbct")
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
+    """Sets ``c.bct`` and the schedule for ``method`` as the reference's configs do (SPEC §7.3).
+
+    ``weakened_l2`` is the L2 method with threshold 0.2; BCT keeps the reference's ``warmup_epoch = -1`` quirk
+    (its learning rate starts at 0.1 * (35/36)^2); UniBCT uses StepLR at epochs 20/26/32.
+    """
+    if method not in METHOD_PRESETS:
+        raise ValueError(f"method={method!r}: choose one of {METHOD_PRESETS}")
+    c.bct.method = "l2" if method == "weakened_l2" else method
+    if method in ("l2", "weakened_l2"):
+        c.bct.l2_weight = 10.0
+        c.bct.l2_threshold = 0.2 if method == "weakened_l2" else 0.0
+    if method == "bct":
+        c.optim.warmup_epochs = -1.0
+    if method == "unibct":
+        c.optim.schedule = "step"
+        c.optim.decay_epochs = (20, 26, 32)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

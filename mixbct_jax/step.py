@@ -52,7 +52,8 @@ def init_state(config, model: nn.Module, method: types.ModuleType, tx: optax.Gra
         head = softmax.init(k_head, d, num_classes)
     method_params, method_state = {}, {}
     if hasattr(method, "init"):
-        method_params, method_state = method.init(k_method, config=config, embedding_size=d, num_classes=num_classes)
+        method_params, method_state = method.init(k_method, config=config, embedding_size=d, num_classes=num_classes,
+                                                   num_shards=num_shards)
     params = {"backbone": variables["params"], "head": head, "method": method_params}
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -67,9 +68,18 @@ def _is_centres(path) -> bool:
     return any(getattr(k, "key", None) == "centres" for k in path)
 
 
+def _is_class_rows(path) -> bool:
+    return any(getattr(k, "key", None) == "class_rows" for k in path)
+
+
 def state_specs(state: PyTree) -> PyTree:
-    """PartitionSpecs: centres (and their optimizer slots) split by rows over the axis, the rest replicated."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: P(AXIS) if _is_centres(path) else P(), state)
+    """PartitionSpecs: centres (and their optimizer slots) split by rows over the axis, the rest replicated.
+
+    A method's state may also hold class-major tables ``[C_padded, ...]`` under a key named ``'class_rows'`` (NCCL's
+    logit queue); they are split by rows like the centres, so device ``d`` holds the rows of its own classes.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: P(AXIS) if _is_centres(path) or _is_class_rows(path) else P(), state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,6 +223,13 @@ class Parallel:
         return jax.tree.map(
             lambda x, s: np.asarray(x).reshape((-1,) + x.shape[2:]) if s == P(AXIS) else np.asarray(x[0]),
             state, self.specs)
+
+    def model_variables(self, state: PyTree) -> dict[str, PyTree]:
+        """The backbone's ``{'params', 'batch_stats'}`` as host arrays (replicated, so every process can fetch them)."""
+        tree = {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
+        if self.mode == "pmap":
+            tree = jax.tree.map(lambda x: x[0], tree)
+        return jax.tree.map(np.asarray, jax.device_get(tree))
 
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of the global batch -> device arrays in the step's layout."""

@@ -104,7 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             features=config.old.features, credible=config.old.credible or None, labels=config.old.labels or None,
             prototypes=config.old.prototypes or None, advbct_meta=config.old.advbct_meta or None)
         old_embeddings.validate(old, num_examples=len(subset), source_labels=subset.labels,
-                                embedding_size=config.model.embedding_size if config.bct.method == "mixbct" else None,
+                                # every method compares or mixes old and new embeddings: the sizes must agree
+                                embedding_size=config.model.embedding_size,
                                 num_classes=num_classes)
         if "credible" in needs and old.credible is None:
             raise ValueError(f"config.bct.method={config.bct.method!r} needs config.old.credible (python -m "
@@ -154,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         return par.put_batch(arrays)
 
     # ---------------------------------------------------------------------------------------------------- loop
+    periodic = _PeriodicEval(config)
     metrics_path = workdir / "metrics.jsonl"
     last: dict[str, Any] = {}
     device_consts = par.consts_to_device(consts)
@@ -191,6 +193,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                      f"lr {last['lr']:.5f} {speed}")
             if done % config.checkpoint.every_steps == 0 or done == total_steps:
                 save(done)
+            if config.evals.every_steps > 0 and done % config.evals.every_steps == 0 and done < total_steps:
+                record = periodic.evaluate(par.model_variables(state), done)
+                _append_jsonl(metrics_path, record)
+                _log(f"step {done} eval: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
+                                                      if k.endswith(("top1", "mAP"))))
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -223,20 +230,57 @@ def _host_update(method, epoch, config, workdir, consts, old, subset, par, state
     if update is None:
         return device_consts
 
+    cache = {}
+
     def embed_new(indices: np.ndarray) -> np.ndarray:
+        """Embeds training examples with the current new model (built once per update)."""
         from mixbct_jax import embed
         from mixbct_jax.data import sources
-        host_state = jax.device_get(par.from_device(state))
-        embedder = embed.make_embedder(config, {"params": host_state["params"]["backbone"],
-                                                "batch_stats": host_state["batch_stats"]})
-        images = sources.open_source(config.data.source).read(subset.indices[indices])
-        return embedder(embed.normalize_images(images))
+        if not cache:
+            cache["embedder"] = embed.make_embedder(config, par.model_variables(state))
+            cache["source"] = sources.open_source(config.data.source)
+        images = cache["source"].read(subset.indices[indices])
+        return cache["embedder"](embed.normalize_images(images))
 
     new = update(epoch, config=config, workdir=workdir, consts=consts, embed_new=embed_new, old=old, subset=subset)
     if new is None:
         return device_consts
     consts.update(new)
     return par.consts_to_device(consts)
+
+
+class _PeriodicEval:
+    """Retrieval of the model being trained (and against the old model's gallery) every ``evals.every_steps``.
+
+    Uses the same code as ``python -m mixbct_jax.evaluate``; the numbers go to metrics.jsonl as
+    ``eval/<query>/<gallery>/<metric>``.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.old_embedder = None
+
+    def evaluate(self, variables, step: int) -> dict[str, Any]:
+        from mixbct_jax import embed
+        from mixbct_jax.data import sources
+        from mixbct_jax.evaluation import retrieval
+
+        c = self.config
+        if not c.evals.retrieval:
+            return {"step": step}
+        embedders = {"new": embed.make_embedder(c, variables, batch_size=c.evals.batch_size)}
+        rows = [("new", "new")]
+        if c.old.workdir:
+            if self.old_embedder is None:
+                self.old_embedder = embed.load_embedder(c.old.workdir, batch_size=c.evals.batch_size)
+            embedders["old"] = self.old_embedder
+            rows.append(("new", "old"))
+        results = retrieval.evaluate_retrieval(sources.open_source(c.evals.retrieval), embedders, rows,
+                                               batch_size=c.evals.batch_size)
+        record: dict[str, Any] = {"step": step}
+        for row, metrics in results.items():
+            record.update({f"eval/{row}/{k}": float(metrics[k]) for k in ("top1", "top5", "mAP")})
+        return record
 
 
 def _final_evals(config, workdir) -> dict[str, Any]:

@@ -190,3 +190,18 @@ def test_bad_specs():
         sources.open_source("npz:/x.npz,size=big")
     with pytest.raises(ValueError, match="needs a location"):
         sources.open_source("rec:")
+
+
+def test_classes_option_restricts_any_source_and_relabels():
+    from mixbct_jax.data.sources import open_source
+
+    base = open_source("synthetic:num_classes=10,min_images=2,max_images=4,image_size=16,seed=3")
+    held = open_source("synthetic:num_classes=10,min_images=2,max_images=4,image_size=16,seed=3,classes=7:10")
+    rows = np.flatnonzero(base.labels >= 7)
+    np.testing.assert_array_equal(held.labels, base.labels[rows] - 7)
+    assert held.num_classes == 3 and len(held) == rows.size
+    np.testing.assert_array_equal(held.read([0, len(held) - 1]), base.read(rows[[0, -1]]))
+    with pytest.raises(ValueError, match="A:B"):
+        open_source("synthetic:num_classes=10,classes=5")
+    with pytest.raises(ValueError, match="no example"):
+        open_source("synthetic:num_classes=10,classes=50:60")

@@ -106,3 +106,17 @@ def test_every_config_loads_locked(path):
     assert config.is_locked
     with pytest.raises(AttributeError):
         config.optim.not_a_field = 1
+
+
+def test_periodic_retrieval_evaluation_is_logged(tmp_path):
+    config = quick(4)
+    with config.unlocked():
+        config.evals.every_steps = 2
+        config.evals.retrieval = "synthetic:num_classes=6,min_images=4,max_images=6,image_size=32,seed=9"
+    train.train_and_evaluate(config, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/new/new/mAP" in r]
+    assert [r["step"] for r in evals] == [2]  # the final step is evaluated by the final report instead
+    assert 0 <= evals[0]["eval/new/new/top1"] <= 1
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert "new/new" in next(iter(report["protocols"].values()))["rows"]

@@ -3,14 +3,17 @@
 A method module may define any of these (the trainer uses defaults for the others):
 
 ``NEEDS: tuple[str, ...]``
-    Per-example host arrays gathered by example index and fed with every batch: ``'old_features'`` (old
-    embeddings, row-L2-normalised), ``'credible'`` (MixBCT's denoised mask).
+    Per-example host arrays fed with every batch (``data.old_embeddings.batch_arrays``): by example index
+    ``'old_features'`` (old embeddings, row-L2-normalised), ``'credible'`` (MixBCT's denoised mask); by label
+    ``'advbct_center'``, ``'advbct_radius_max'``, ``'advbct_num_kept'`` (AdvBCT's class meta).
 ``CONSTS: tuple[str, ...]``
     Frozen arrays the step receives as ``ctx['consts']`` (never checkpointed): ``'prototypes'`` ([C_padded, D]
     class means, row-sharded over the device axis like the centres, so the local block is rows
     ``[d * C_local, (d + 1) * C_local)``).
-``init(key, *, config, embedding_size, num_classes) -> (params, state)``
-    Extra trainable parameters (in the backbone's optimizer group) and non-trainable state.
+``init(key, *, config, embedding_size, num_classes, num_shards) -> (params, state)``
+    Extra trainable parameters (in the backbone's optimizer group) and non-trainable state. State leaves under
+    a key ``'class_rows'`` are class-major tables ``[C_padded, ...]`` (padded like the centres for ``num_shards``
+    devices), row-sharded like the centres (NCCL's logit queue); the rest is replicated.
 ``before_head(embeddings, batch, *, key, config) -> (embeddings, metrics)``
     Per device, transforms the local embeddings [b, D] fed to the classification head (MixBCT's mix-up).
 ``extra_loss(ctx) -> (loss, new_state, metrics)``
@@ -30,7 +33,7 @@ from __future__ import annotations
 import importlib
 import types
 
-METHODS = ("none", "mixbct")
+METHODS = ("none", "mixbct", "l2", "bct", "unibct", "nccl", "advbct")
 
 
 def get(name: str) -> types.ModuleType:

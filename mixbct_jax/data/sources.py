@@ -8,7 +8,9 @@
   array_record format (``name`` may carry a config and version, ``mnist/foo:1.0.0``; the split defaults to train);
 * ``npz:/path.npz[,size=32]``: arrays ``images`` uint8 [N,H,W] or [N,H,W,3] and ``label``/``labels``.
 
-Options follow the location after commas as ``key=value``, so paths must not contain commas. Every source serves
+Options follow the location after commas as ``key=value``, so paths must not contain commas. Every kind also
+takes ``classes=A:B``: only the examples with ``A <= label < B``, relabelled to ``0..B-A-1`` (for example, to
+hold classes out of training and evaluate retrieval on them). Every source serves
 uint8 RGB images of one shape ``image_shape``; greyscale is replicated to three channels. Sources that store
 encoded images (rec, folder, tfds) also hand them out undecoded, so the input pipeline can decode them in
 TensorFlow threads.
@@ -379,8 +381,56 @@ def _no_more(options: dict[str, str], spec: str, allowed: tuple[str, ...]) -> No
         raise ValueError(f"source spec {spec!r}: unknown option(s) {sorted(options)}; allowed: {allowed or 'none'}")
 
 
+class ClassRangeSource:
+    """The examples of ``base`` whose label lies in ``[first, stop)``, relabelled to start at 0."""
+
+    def __init__(self, name: str, base: Source, first: int, stop: int):
+        keep = np.flatnonzero((base.labels >= first) & (base.labels < stop))
+        if keep.size == 0:
+            raise ValueError(f"{name}: no example has a label in [{first}, {stop}) (labels span "
+                             f"{int(base.labels.min())}..{int(base.labels.max())})")
+        self.name, self._base, self._rows = name, base, keep
+        self.labels = (base.labels[keep] - first).astype(base.labels.dtype)
+        self.num_classes = _num_classes(self.labels)
+        self.image_shape = base.image_shape
+
+    def __len__(self) -> int:
+        return int(self._rows.size)
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        return self._base.read(self._rows[_check_indices(indices, len(self), self.name)])
+
+    def read_encoded(self, index: int) -> bytes | None:
+        return self._base.read_encoded(int(self._rows[index]))
+
+
+def _class_range(spec: str, value: str) -> tuple[int, int]:
+    first, colon, stop = value.partition(":")
+    try:
+        first_i, stop_i = int(first), int(stop)
+    except ValueError:
+        raise ValueError(f"source spec {spec!r}: classes must be A:B (integers), got {value!r}") from None
+    if not colon or first_i < 0 or stop_i <= first_i:
+        raise ValueError(f"source spec {spec!r}: classes must be A:B with 0 <= A < B, got {value!r}")
+    return first_i, stop_i
+
+
 def open_source(spec: str) -> Source:
     """Opens a source from a spec string (see the module docstring for the forms).
+
+    A ``classes=A:B`` option, accepted by every kind, restricts the source to a range of labels.
+    """
+    kind, location, options = _parse(spec)
+    if "classes" in options:
+        first, stop = _class_range(spec, options.pop("classes"))
+        rest = ",".join([location] * bool(location) + [f"{k}={v}" for k, v in options.items()])
+        base_spec = f"{kind}:{rest}" if rest else kind
+        return ClassRangeSource(spec, open_source(base_spec), first, stop)
+    return _open_unrestricted(spec)
+
+
+def _open_unrestricted(spec: str) -> Source:
+    """Opens a source without a ``classes`` option.
 
     Args:
       spec: e.g. ``'synthetic:num_classes=8'``, ``'rec:/data/ms1m/train'``, ``'folder:/imgs,size=112'``,

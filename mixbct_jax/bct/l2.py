@@ -1,0 +1,53 @@
+"""L2 and weakened L2: pull each new embedding toward the old embedding of the same image (SPEC §4.1).
+
+``L_l2 = mean_i max(0, ||n(o_i) - n(e_i)||_2 - th)`` over the global batch, added with weight
+``config.bct.l2_weight`` (10 in the reference) to the classification loss. ``th = config.bct.l2_threshold``: 0 is
+plain "L2", 0.2 is "weakened L2", which leaves embeddings already within 0.2 of their old counterpart alone. The
+distance is the non-squared Euclidean distance between unit vectors, as the reference.
+
+References:
+  Shen et al., "Towards Backward-Compatible Representation Learning", CVPR 2020 (the L2 baseline).
+  Liang et al., "MixBCT: Towards Self-Adapting Backward-Compatible Training", arXiv:2308.06948, 2023 (weakened L2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mixbct_jax.heads.sharded_fc import l2_normalize
+
+NEEDS = ("old_features",)
+
+
+def safe_norm(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``||x||_2`` along ``axis`` with a zero (not NaN) gradient at ``x = 0``, as PyTorch's ``norm`` backward."""
+    sq = jnp.sum(jnp.square(x), axis=axis)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def hinge_distance(new: jax.Array, old: jax.Array, *, threshold: float) -> jax.Array:
+    """Per-example ``max(0, ||n(old) - n(new)|| - threshold)``.
+
+    Args:
+      new: [b, D] new embeddings (unnormalised).
+      old: [b, D] old embeddings of the same images (any scale; normalised here).
+      threshold: 0 for L2, 0.2 for weakened L2.
+
+    Returns:
+      [b] hinge distances; the gradient flows into ``new`` only.
+    """
+    diff = l2_normalize(jax.lax.stop_gradient(old)) - l2_normalize(new)  # [b, D]
+    return jnp.maximum(safe_norm(diff) - threshold, 0.0)
+
+
+def extra_loss(ctx: dict) -> tuple[jax.Array, dict, dict]:
+    """This device's share ``l2_weight * sum_local(hinge) / N`` of the global-batch-mean L2 loss."""
+    cfg = ctx["config"].bct
+    emb = ctx["embeddings"]  # [b, D]
+    hinge = hinge_distance(emb, ctx["batch"]["old_features"].astype(emb.dtype), threshold=cfg.l2_threshold)  # [b]
+    share = cfg.l2_weight * jnp.sum(hinge) / ctx["global_batch"]
+    metrics = {"l2/distance": jnp.sum(hinge) / ctx["global_batch"],
+               "l2/active": jnp.sum(hinge > 0).astype(jnp.float32)}
+    return share, ctx["state"], metrics
