@@ -14,6 +14,7 @@ Old embeddings and other per-example arrays are never stored here (DESIGN §4).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -23,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from mixbct_jax.files import write_text_atomic
 
@@ -90,6 +92,16 @@ def save_model_only(workdir: str | os.PathLike, config: ml_collections.ConfigDic
     mngr.close()
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(previous)
+
+
 def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml_collections.ConfigDict, PyTree]:
     """Loads ``(config, {'params', 'batch_stats'})`` of the backbone from a run directory, as host NumPy arrays.
 
@@ -104,9 +116,10 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
     handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler()}
-    mngr = ocp.CheckpointManager(directory, item_handlers=handlers,
-                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                                                      multiprocessing_options=local))
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                           multiprocessing_options=local)
+    with _quiet_absl():  # Orbax warns that a read-only manager is read-only
+        mngr = ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory} holds no checkpoint yet: train the run first (python -m mixbct_jax.train "

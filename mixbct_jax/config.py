@@ -7,6 +7,10 @@ once by the trainer and never written back.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
+
 import ml_collections
 
 
@@ -124,6 +128,31 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
     if method == "unibct":
         c.optim.schedule = "step"
         c.optim.decay_epochs = (20, 26, 32)
+
+
+def load(path: str | os.PathLike, arg: str | None = None,
+         overrides: dict[str, object] | None = None) -> ml_collections.ConfigDict:
+    """Loads ``get_config(arg)`` from a config file and applies dotted ``overrides`` (``{"optim.lr": 0.05}``).
+
+    What ``--config path:arg --config.optim.lr=0.05`` does on the command line, for notebooks, tests and the demo.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist (configs live in the repository's configs/)")
+    spec = importlib.util.spec_from_file_location(f"mixbct_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    with config.unlocked():
+        for dotted, value in (overrides or {}).items():
+            *parents, leaf = dotted.split(".")
+            node = config
+            for name in parents:
+                node = node[name]
+            if leaf not in node:
+                raise KeyError(f"override {dotted!r}: {leaf!r} is not a field of {path.name}'s config")
+            node[leaf] = value
+    return config
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

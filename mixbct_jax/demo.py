@@ -38,21 +38,10 @@ def _stage(name: str, marker: pathlib.Path, fn) -> None:
 
 
 def _load_config(arg: str, **overrides):
-    import importlib.util
+    from mixbct_jax import config as config_lib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
-    spec = importlib.util.spec_from_file_location("quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    with config.unlocked():
-        for dotted, value in overrides.items():
-            node = config
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-    return config
+    quickstart = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
+    return config_lib.load(quickstart, arg, overrides)
 
 
 def run(out: str | pathlib.Path, *, steps: int = 300) -> dict:

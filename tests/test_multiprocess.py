@@ -21,12 +21,10 @@ import subprocess
 import sys
 import time
 
-import importlib.util
-
 import jax
 import numpy as np
 
-from mixbct_jax import checkpoint, train
+from mixbct_jax import checkpoint, config as config_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -37,18 +35,7 @@ RETRIEVAL = "synthetic:num_classes=8,min_images=2,max_images=4,image_size=32,see
 
 
 def quickstart_config():
-    spec = importlib.util.spec_from_file_location("cfg_quickstart", ROOT / "configs" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal")
-    with config.unlocked():
-        for key, value in OVERRIDES.items():
-            *parents, name = key.split(".")
-            node = config
-            for parent in parents:
-                node = node[parent]
-            node[name] = value
-    return config
+    return config_lib.load(ROOT / "configs" / "quickstart.py", "runlocal", OVERRIDES)
 
 
 def free_port() -> int:

@@ -1,6 +1,5 @@
 """End to end: the quickstart config trains, checkpoints, resumes exactly, and every config file loads."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -8,16 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from mixbct_jax import checkpoint, train
+from mixbct_jax import checkpoint, config as config_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load(ROOT / "configs" / f"{name}.py", arg)
 
 
 def quick(steps: int, **kw):
