@@ -197,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 record = periodic.evaluate(par.model_variables(state), done)
                 _append_jsonl(metrics_path, record)
                 _log(f"step {done} eval: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
-                                                      if k.endswith(("top1", "mAP"))))
+                                                      if k.endswith(("top1", "mAP", "accuracy"))))
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -250,24 +250,24 @@ def _host_update(method, epoch, config, workdir, consts, old, subset, par, state
 
 
 class _PeriodicEval:
-    """Retrieval of the model being trained (and against the old model's gallery) every ``evals.every_steps``.
+    """Retrieval and ``.bin`` verification of the model being trained every ``evals.every_steps``, self and
+    against the old model's gallery when ``config.old.workdir`` is set.
 
     Uses the same code as ``python -m mixbct_jax.evaluate``; the numbers go to metrics.jsonl as
-    ``eval/<query>/<gallery>/<metric>``.
+    ``eval/<query>/<gallery>/<metric>`` and ``eval/<bin name>/<query>/<gallery>/accuracy``.
     """
 
     def __init__(self, config):
         self.config = config
         self.old_embedder = None
+        self.bins: dict[str, tuple] = {}
 
     def evaluate(self, variables, step: int) -> dict[str, Any]:
         from mixbct_jax import embed
         from mixbct_jax.data import sources
-        from mixbct_jax.evaluation import retrieval
+        from mixbct_jax.evaluation import retrieval, verification
 
         c = self.config
-        if not c.evals.retrieval:
-            return {"step": step}
         embedders = {"new": embed.make_embedder(c, variables, batch_size=c.evals.batch_size)}
         rows = [("new", "new")]
         if c.old.workdir:
@@ -275,11 +275,19 @@ class _PeriodicEval:
                 self.old_embedder = embed.load_embedder(c.old.workdir, batch_size=c.evals.batch_size)
             embedders["old"] = self.old_embedder
             rows.append(("new", "old"))
-        results = retrieval.evaluate_retrieval(sources.open_source(c.evals.retrieval), embedders, rows,
-                                               batch_size=c.evals.batch_size)
         record: dict[str, Any] = {"step": step}
-        for row, metrics in results.items():
-            record.update({f"eval/{row}/{k}": float(metrics[k]) for k in ("top1", "top5", "mAP")})
+        if c.evals.retrieval:
+            results = retrieval.evaluate_retrieval(sources.open_source(c.evals.retrieval), embedders, rows,
+                                                   batch_size=c.evals.batch_size)
+            for row, metrics in results.items():
+                record.update({f"eval/{row}/{k}": float(metrics[k]) for k in ("top1", "top5", "mAP")})
+        for path in filter(None, c.evals.bin.split(",")):
+            if path not in self.bins:  # decode each pair set once per run
+                self.bins[path] = verification.load_bin(path, image_size=c.model.input_size)
+            images, issame = self.bins[path]
+            name = pathlib.Path(path).stem
+            for row, metrics in verification.evaluate_bin(images, issame, embedders, rows).items():
+                record[f"eval/{name}/{row}/accuracy"] = float(metrics["accuracy"])
         return record
 
 

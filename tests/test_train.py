@@ -2,12 +2,17 @@
 
 import json
 import pathlib
+import pickle
+
+import cv2
 
 import jax
 import numpy as np
 import pytest
 
 from mixbct_jax import checkpoint, config as config_lib, train
+from mixbct_jax.data import recordio
+from mixbct_jax.data.synthetic import SyntheticFaces
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,15 +109,46 @@ def test_every_config_loads_locked(path):
         config.optim.not_a_field = 1
 
 
-def test_periodic_retrieval_evaluation_is_logged(tmp_path):
+def write_bin(path, faces: SyntheticFaces, num_pairs: int = 20) -> None:
+    """A .bin pair set (pickle of encoded images and issame flags) of synthetic faces."""
+    rng = np.random.RandomState(0)
+    bins, issame = [], []
+    for k in range(num_pairs):
+        a = rng.randint(len(faces))
+        same = k % 2 == 0
+        candidates = np.flatnonzero((faces.labels == faces.labels[a]) == same)
+        b = rng.choice(candidates[candidates != a])
+        for i in (a, b):
+            bins.append(cv2.imencode(".png", faces.read([i])[0][:, :, ::-1])[1].tobytes())
+        issame.append(same)
+    with open(path, "wb") as f:
+        pickle.dump((bins, issame), f)
+
+
+def test_periodic_evaluation_is_logged(tmp_path):
+    write_bin(tmp_path / "pairs.bin", SyntheticFaces(num_classes=5, image_size=32, seed=4))
     config = quick(4)
     with config.unlocked():
         config.evals.every_steps = 2
         config.evals.retrieval = "synthetic:num_classes=6,min_images=4,max_images=6,image_size=32,seed=9"
+        config.evals.bin = str(tmp_path / "pairs.bin")
     train.train_and_evaluate(config, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/new/new/mAP" in r]
     assert [r["step"] for r in evals] == [2]  # the final step is evaluated by the final report instead
     assert 0 <= evals[0]["eval/new/new/top1"] <= 1
+    assert 0.0 <= evals[0]["eval/pairs/new/new/accuracy"] <= 1.0
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert "new/new" in next(iter(report["protocols"].values()))["rows"]
+
+
+def test_trains_from_an_insightface_rec_file_on_four_devices(tmp_path):
+    faces = SyntheticFaces(num_classes=12, min_images=4, max_images=6, image_size=32, seed=2)
+    recordio.write_rec(tmp_path / "train", faces.read(np.arange(len(faces))), faces.labels, encoding=".png")
+    config = quick(2, parallel="shard_map")
+    with config.unlocked():
+        config.data.source = f"rec:{tmp_path / 'train'}"
+        config.data.scenario = "full"
+    metrics = train.train_and_evaluate(config, tmp_path / "run")
+    assert jax.device_count() == 4 and metrics["step"] == 2 and np.isfinite(metrics["loss"])
+    assert checkpoint.read_config(tmp_path / "run").data.source.startswith("rec:")
