@@ -18,6 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.parallel = "shard_map"  # or "pmap": the same per-device body under jax.pmap
+    c.num_devices = -1  # -1: every device; N: the first N (one process only)
     c.total_steps = -1  # > 0 overrides optim.num_epochs
 
     c.model = ml_collections.ConfigDict()

@@ -78,6 +78,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # ---------------------------------------------------------------------------------------------------- mesh
     devices = jax.devices()
+    if config.num_devices > 0:
+        if jax.process_count() > 1 or config.num_devices > len(devices):
+            raise ValueError(f"config.num_devices={config.num_devices}: choose at most {len(devices)} devices, and "
+                             f"only in a single-process run")
+        devices = devices[:config.num_devices]
     mesh = Mesh(np.array(devices), (step_lib.AXIS,))
     if config.data.global_batch % len(devices):
         raise ValueError(f"config.data.global_batch={config.data.global_batch} must be divisible by the "
