@@ -24,7 +24,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mixbct_jax import bct, checkpoint, models, optim, step as step_lib
-from mixbct_jax.heads import sharded_fc
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,7 +1,6 @@
 """extract: rows in example-index order, any batch size, resumable after a kill, float16 option."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -394,7 +394,7 @@ def run_advbct(cfg, emb, labels, params, batch, step):
 
 def test_advbct_losses_match_numpy():
     emb, labels, params, batch = advbct_inputs(8, kept_max=4)
-    step, spe, total = 37, 10, 100  # epoch 3 of E = 10
+    step, total = 37, 100  # epoch 3 of E = 10 (10 steps per epoch)
     shares, _, _, metrics = run_advbct(config(), emb, labels, params, batch, step)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     adv = np_adv(emb, batch["old_features"], p["discriminator"])

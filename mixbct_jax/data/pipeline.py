@@ -24,7 +24,6 @@ import atexit
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
 
 import numpy as np
 from mixbct_jax.files import atomic_write, write_text_atomic  # noqa: F401 (re-exported)
