@@ -104,6 +104,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     const_names = tuple(getattr(method, "CONSTS", ()))
     old = None
     if needs or const_names:
+        if not config.old.features:
+            raise ValueError(
+                f"config.bct.method={config.bct.method!r} needs the old model's embeddings of this run's training "
+                f"set: set --config.old.features=<dir>/features.npy, written by `python -m mixbct_jax.extract "
+                f"--workdir <old run> --scenario {config.data.scenario} --role {config.data.role} --out <dir>`.")
         old = old_embeddings.open_old_embeddings(
             features=config.old.features, credible=config.old.credible or None, labels=config.old.labels or None,
             prototypes=config.old.prototypes or None, advbct_meta=config.old.advbct_meta or None)

@@ -175,3 +175,9 @@ def test_trains_from_an_insightface_rec_file_on_four_devices(tmp_path):
     metrics = train.train_and_evaluate(config, tmp_path / "run")
     assert jax.device_count() == 4 and metrics["step"] == 2 and np.isfinite(metrics["loss"])
     assert checkpoint.read_config(tmp_path / "run").data.source.startswith("rec:")
+
+
+def test_a_method_without_its_old_embeddings_fails_naming_the_field(tmp_path):
+    config = config_lib.load(ROOT / "configs" / "quickstart.py", "role=new,method=mixbct,runlocal")
+    with pytest.raises(ValueError, match="config.old.features"):
+        train.train_and_evaluate(config, tmp_path)
