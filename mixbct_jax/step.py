@@ -180,7 +180,8 @@ class Parallel:
     """Runs ``body`` over ``mesh``'s devices with ``shard_map`` (global arrays) or ``pmap`` (stacked arrays).
 
     ``to_device``/``from_device`` convert between the canonical global-array state (what checkpoints hold) and
-    the layout the step consumes; both are identities for ``shard_map``.
+    the layout the step consumes: for ``shard_map`` that is the same global arrays placed with their shardings,
+    for ``pmap`` arrays stacked along a leading device axis.
     """
 
     mesh: Mesh
@@ -193,9 +194,11 @@ class Parallel:
     def num_devices(self) -> int:
         return self.mesh.devices.size
 
+    def shardings(self, specs: PyTree) -> PyTree:
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
     def state_shardings(self) -> PyTree:
-        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.specs,
-                            is_leaf=lambda x: isinstance(x, P))
+        return self.shardings(self.specs)
 
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(AXIS))
@@ -204,8 +207,7 @@ class Parallel:
         """Global state (or, with ``specs``, any tree such as the consts) -> the step's layout."""
         specs = self.specs if specs is None else specs
         if self.mode == "shard_map":
-            shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-            return jax.device_put(state, shardings)
+            return jax.device_put(state, self.shardings(specs))
         w = self.num_devices
 
         def stack(x, spec):  # host arrays with a leading device axis; pmap places them
