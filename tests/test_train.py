@@ -55,24 +55,32 @@ def test_quickstart_trains_and_writes_run_directory(straight_run):
     assert sorted(int(p.name) for p in (straight_run / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
 
 
-def test_rerunning_the_same_command_resumes_and_matches_a_straight_run(tmp_path, straight_run, monkeypatch):
-    workdir = tmp_path / "resumed"
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_after_checkpoint(workdir, monkeypatch, step: int = 3) -> None:
+    """Runs ``quick(6)`` in ``workdir`` and kills it right after the step-``step`` checkpoint is written."""
     original_save = checkpoint.save
 
-    def save_then_die(mngr, step, **kw):
-        original_save(mngr, step, **kw)
-        if step == 3:
-            raise KeyboardInterrupt("killed after the step-3 checkpoint")
+    def save_then_die(mngr, at_step, **kw):
+        original_save(mngr, at_step, **kw)
+        if at_step == step:
+            raise KeyboardInterrupt(f"killed after the step-{step} checkpoint")
 
     monkeypatch.setattr(checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(quick(6), workdir)
     monkeypatch.setattr(checkpoint, "save", original_save)
+
+
+def test_rerunning_the_same_command_resumes_and_matches_a_straight_run(tmp_path, straight_run, monkeypatch):
+    workdir = tmp_path / "resumed"
+    kill_after_checkpoint(workdir, monkeypatch)
     train.train_and_evaluate(quick(6), workdir)  # the same command again
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(workdir)
     assert [r["step"] for r in records] == [2, 4, 6]  # 4 and 6 logged by the resumed process
-    straight = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in straight], rtol=1e-5)
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in metrics(straight_run)], rtol=1e-5)
     a, b = backbone(workdir), backbone(straight_run)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -81,24 +89,14 @@ def test_rerunning_the_same_command_resumes_and_matches_a_straight_run(tmp_path,
 def test_a_run_resumes_on_another_number_of_devices(tmp_path, straight_run, monkeypatch):
     """Checkpoints hold global arrays: 3 steps on 4 devices, then the rest on 2, loss close to the straight run."""
     workdir = tmp_path / "moved"
-    original_save = checkpoint.save
-
-    def save_then_die(mngr, step, **kw):
-        original_save(mngr, step, **kw)
-        if step == 3:
-            raise KeyboardInterrupt("moved to another machine")
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(quick(6), workdir)
-    monkeypatch.setattr(checkpoint, "save", original_save)
+    kill_after_checkpoint(workdir, monkeypatch)
     train.train_and_evaluate(quick(6, num_devices=2), workdir)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    straight = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    records, straight = metrics(workdir), metrics(straight_run)
     assert [r["step"] for r in records] == [2, 4, 6]
     # Same data and parameters; only the BatchNorm batch differs (8 instead of 4 rows per device) after the move.
     np.testing.assert_allclose(records[0]["loss"], straight[0]["loss"], rtol=1e-6)
-    assert np.isfinite(records[-1]["loss"]) and abs(records[-1]["loss"] - straight[-1]["loss"]) < 0.5 * straight[-1]["loss"]
+    assert np.isfinite(records[-1]["loss"])
+    assert abs(records[-1]["loss"] - straight[-1]["loss"]) < 0.5 * straight[-1]["loss"]
 
 
 def test_finished_run_is_not_retrained(straight_run, capsys):
