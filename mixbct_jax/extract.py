@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from mixbct_jax.files import write_text_atomic
+from mixbct_jax.progress import Progress
 
 PROGRESS = "extract_progress.json"
 
@@ -102,9 +103,10 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
     remaining = splits.Subset(indices=subset.indices[done:], labels=subset.labels[done:],
                               num_classes=subset.num_classes)
     flip_subset_rows = flip == "random"
-    t0, last_report, rows = time.time(), 0.0, done
+    last_saved, rows = 0.0, done
     if len(remaining):
         batches = pipeline.eval_batches(source, remaining, batch_size=embedder.batch_size, flip=False)
+        bar = Progress(len(remaining), f"extract rows {done}..{n}", unit="img")
         for batch in batches:
             images = batch["image"]
             if flip_subset_rows:  # the coin is keyed by the row in the whole subset, so resuming changes nothing
@@ -114,13 +116,13 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
             k = len(emb)
             features[rows:rows + k] = emb.astype(dtype)
             rows += k
+            bar.update(k)
             now = time.time()
-            if now - last_report > 5 or rows == n:
+            if now - last_saved > 5 or rows == n:  # record what is on disk, so a killed run resumes here
                 features.flush()
                 write_text_atomic(progress_path, json.dumps({"signature": signature, "rows_done": rows}))
-                rate = (rows - done) / max(now - t0, 1e-9)
-                _log(f"extract {rows}/{n} ({100 * rows / n:.1f}%) {rate:.0f} img/s ETA {(n - rows) / max(rate, 1e-9):.0f}s")
-                last_report = now
+                last_saved = now
+        bar.close()
     if rows != n:
         raise RuntimeError(f"extraction wrote {rows} of {n} rows; rerun the same command to resume")
     features.flush()

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse
 
 from mixbct_jax.files import atomic_write
+from mixbct_jax.progress import Progress
 
 # Row- and column-normalisation guard, as SPEC's "row-L2-normalise": x / max(||x||, 1e-12).
 _EPS = 1e-12
@@ -35,35 +36,12 @@ DEFAULT_CHUNK_ROWS = 16384  # 16384 x 512 float64 = 64 MiB per buffer.
 # ------------------------------------------------------------------------------------------------
 # Progress reporting.
 # ------------------------------------------------------------------------------------------------
-class _Progress:
-    """Row-count progress with an ETA on stderr, printed at most once per second."""
-
-    def __init__(self, label: str, total: int, enabled: bool):
-        self._label, self._total, self._enabled = label, total, enabled
-        self._start = self._last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        if not self._enabled:
-            return
-        now = time.monotonic()
-        if now - self._last < 1.0 and done < self._total:
-            return
-        self._last = now
-        elapsed = now - self._start
-        eta = elapsed / done * (self._total - done) if done else float("nan")
-        print(
-            f"{self._label}: {done:,}/{self._total:,} rows ({100 * done / max(self._total, 1):.1f}%), "
-            f"{elapsed:.1f} s elapsed, ETA {eta:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _chunks(num_rows: int, chunk_rows: int, progress: _Progress) -> Iterator[tuple[int, int]]:
-    for start in range(0, num_rows, chunk_rows):
-        stop = min(start + chunk_rows, num_rows)
-        yield start, stop
-        progress.update(stop)
+def _chunks(num_rows: int, chunk_rows: int, label: str, verbose: bool) -> Iterator[tuple[int, int]]:
+    with Progress(num_rows, label, unit="rows", enabled=verbose) as progress:
+        for start in range(0, num_rows, chunk_rows):
+            stop = min(start + chunk_rows, num_rows)
+            yield start, stop
+            progress.update(stop - start)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,7 +139,7 @@ def _row_norms(
     buffer = np.empty((min(chunk_rows, num_rows), dim), np.float64)
     row_div = np.empty(num_rows, np.float64)
     col_sumsq = np.zeros(dim, np.float64) if with_col_sumsq else None
-    for start, stop in _chunks(num_rows, chunk_rows, _Progress(label, num_rows, verbose)):
+    for start, stop in _chunks(num_rows, chunk_rows, label, verbose):
         chunk = _load_chunk(features, start, stop, buffer, None, None)
         norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))  # [m]
         if not np.all(np.isfinite(norms)):
@@ -203,7 +181,7 @@ def _class_sums(
     num_rows, dim = features.shape
     buffer = np.empty((min(chunk_rows, num_rows), dim), np.float64)
     sums = np.zeros((num_classes, dim), np.float64)
-    for start, stop in _chunks(num_rows, chunk_rows, _Progress(label, num_rows, verbose)):
+    for start, stop in _chunks(num_rows, chunk_rows, label, verbose):
         chunk = _load_chunk(features, start, stop, buffer, row_div, col_div)
         present, local = np.unique(class_ids[start:stop], return_inverse=True)
         sums[present] += _segment_sums(chunk, local, present.size)
@@ -228,7 +206,7 @@ def _distances(
     # than the arithmetic.
     gathered = np.empty_like(buffer)
     distances = np.empty(num_rows, np.float64)
-    for start, stop in _chunks(num_rows, chunk_rows, _Progress(label, num_rows, verbose)):
+    for start, stop in _chunks(num_rows, chunk_rows, label, verbose):
         chunk = _load_chunk(features, start, stop, buffer, row_div, col_div)
         # mode="clip" (ids are valid) because mode="raise" buffers `out`, which is what we avoid.
         chunk -= np.take(centres, class_ids[start:stop], axis=0, out=gathered[: stop - start], mode="clip")

@@ -54,7 +54,7 @@ def test_killed_extraction_resumes_where_it_stopped(run_dir, tmp_path, monkeypat
         return original(self, images)
 
     monkeypatch.setattr(embed.Embedder, "__call__", dies_on_third_batch)
-    monkeypatch.setattr(extract.time, "time", iter(range(0, 10**6, 10)).__next__)  # report (and save) every batch
+    monkeypatch.setattr(extract.time, "time", iter(range(0, 10**6, 10)).__next__)  # save progress every batch
     with pytest.raises(KeyboardInterrupt):
         extract.extract(run_dir, None, tmp_path, batch_size=8)
     assert not (tmp_path / "features.npy").exists() and (tmp_path / "features.npy.partial").exists()

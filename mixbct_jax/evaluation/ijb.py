@@ -34,7 +34,7 @@ import numpy as np
 from sklearn.metrics import auc, roc_curve
 
 from mixbct_jax.evaluation.embedding import Embedder, Scale, embed_with_flip, image_size_of
-from mixbct_jax.evaluation.progress import Progress
+from mixbct_jax.progress import Progress
 
 # Landmark template of the standard 112x112 ArcFace crop: eyes, nose tip, mouth corners (x, y).
 REFERENCE_LANDMARKS = np.array(

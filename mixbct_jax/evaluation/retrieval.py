@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from mixbct_jax.evaluation.embedding import Embedder, embed, image_size_of
-from mixbct_jax.evaluation.progress import Progress
+from mixbct_jax.progress import Progress
 
 TOPK = (1, 5)
 

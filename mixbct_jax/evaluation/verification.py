@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from mixbct_jax.evaluation.embedding import Embedder, embed_with_flip, image_size_of
-from mixbct_jax.evaluation.progress import Progress
+from mixbct_jax.progress import Progress
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's grid for accuracy
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # and for VAL@FAR

@@ -1,4 +1,4 @@
-"""A tiny progress line with rate and ETA, printed to stderr at most once a second."""
+"""The one progress line of long jobs (prepare, extract, evaluation): rate and ETA on stderr, at most once a second."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ class Progress:
         unit: str = "it",
         stream: TextIO | None = None,
         min_interval: float = 1.0,
+        enabled: bool = True,
     ) -> None:
         self.total = int(total)
         self.desc = desc
         self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.min_interval = min_interval
+        self.enabled = enabled
         self.done = 0
         self._start = time.monotonic()
         self._last_print = -float("inf")
@@ -56,6 +58,8 @@ class Progress:
 
     def _print(self, now: float, final: bool = False) -> None:
         self._last_print = now
+        if not self.enabled:
+            return
         elapsed = now - self._start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         pct = 100.0 * self.done / self.total if self.total else 100.0
