@@ -18,11 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixbct_jax import checkpoint, models
-
-
-def normalize_images(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float32 in [-1, 1]: ``(x / 255 - 0.5) / 0.5`` as in training (SPEC §1.3)."""
-    return (images_uint8.astype(np.float32) / 255.0 - 0.5) / 0.5
+from mixbct_jax.models import normalize_images  # noqa: F401 (the input convention, re-exported for callers)
 
 
 @dataclasses.dataclass

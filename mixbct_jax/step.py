@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mixbct_jax import models
 from mixbct_jax.heads import sharded_fc, softmax
 
 AXIS = "data"
@@ -85,11 +86,6 @@ def state_specs(state: PyTree) -> PyTree:
 # ---------------------------------------------------------------------------------------------------------------
 # The per-device program
 # ---------------------------------------------------------------------------------------------------------------
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 -> [-1, 1] on the device: ``(x / 255 - 0.5) / 0.5`` (SPEC §1.3)."""
-    return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-
-
 def make_body(config, model: nn.Module, method: types.ModuleType, tx: optax.GradientTransformation,
               schedule: optax.Schedule, *, num_classes: int, global_batch: int, steps_per_epoch: int,
               total_steps: int, trace_counter: list | None = None) -> Callable:
@@ -109,7 +105,7 @@ def make_body(config, model: nn.Module, method: types.ModuleType, tx: optax.Grad
         step = state["step"]
         rng = jax.random.fold_in(jax.random.fold_in(key, step), jax.lax.axis_index(AXIS))
         k_mix, k_head, k_method = jax.random.split(rng, 3)
-        images = normalize_images(batch["image"])
+        images = models.normalize_images(batch["image"])
         labels = batch["label"]
 
         def loss_fn(params):

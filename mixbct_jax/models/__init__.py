@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mixbct_jax.models import iresnet, mobilefacenet
 
@@ -19,6 +20,14 @@ ARCHS = {
     "mbf": mobilefacenet.MobileFaceNetSmall,
     "mbf_large": mobilefacenet.MobileFaceNetLarge,
 }
+
+
+def normalize_images(images):
+    """uint8 RGB -> float32 in [-1, 1], ``(x / 255 - 0.5) / 0.5``: every backbone's input (SPEC §1.3).
+
+    Works on NumPy arrays (host-side embedding) and on jax arrays (inside the train step) alike.
+    """
+    return (images.astype(np.float32) / 255.0 - 0.5) / 0.5
 
 
 def build(arch: str, *, embedding_size: int, input_size: int = 112, width: float = 1.0,
