@@ -22,11 +22,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.total_steps = -1  # > 0 overrides optim.num_epochs
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = "r50"  # r18 r34 r50 r100 r200 mbf mbf_large
+    c.model.arch = "r50"  # r18 r34 r50 r100 r200 mbf mbf_large vit_t vit_s vit_b vit_l (models.ARCHS)
     c.model.embedding_size = 512
     c.model.input_size = 112
     c.model.width = 1.0  # stage-width multiplier (tiny test models)
     c.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters
+    c.model.patch_size = 0  # ViTs: patch side; 0 = the variant's own (9 on 112x112 -> 144 tokens)
+    c.model.remat = "auto"  # ViTs: jax.checkpoint per block; auto = on for the 24-block variants | on | off
     c.model.num_classes = -1  # -1: the training subset's class count
 
     c.data = ml_collections.ConfigDict()

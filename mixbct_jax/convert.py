@@ -19,6 +19,14 @@ statistics live in ``batch_stats``; PReLU weights are ``slope``. The IResNet hea
 gamma (always 1) and no Flax counterpart: import checks it is 1, export writes ones. ``num_batches_tracked``
 counters are ignored on import and written as 0 on export.
 
+ViTs (insightface ``backbones/vit.py``: ``vit_t``, ``vit_s``, ``vit_b``, ``vit_l_dp005_mask_005``, ...) map
+``pos_embed``/``mask_token`` as they are, ``patch_embed.proj`` as a conv with bias, ``blocks.i.{norm1, attn.qkv,
+attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm`` and ``feature.{0,1,2,3}`` (Linear, BatchNorm1d, Linear,
+BatchNorm1d). Their flatten is token-major in both frameworks, so no rows are permuted::
+
+    python -m mixbct_jax.convert --torch vit_s_backbone.pth --arch vit_s --out runs/old_vit_s
+    python -m mixbct_jax.convert --torch tiny.pth --arch vit_tiny --input-size 32 --patch-size 4 --out runs/x
+
 torch is imported only by the functions that read or write ``.pt`` files, so the package works without it.
 """
 
@@ -139,38 +147,80 @@ def _mbf_modules(model: nn.Module) -> Iterator[tuple[str, tuple[str, ...], str]]
     yield "features.layers.3", ("features",), "bn"
 
 
+def _vit_modules(model: nn.Module) -> Iterator[tuple[str, tuple[str, ...], str]]:
+    """insightface ``backbones/vit.py``: the model's own parameters first (PyTorch lists them before submodules)."""
+    yield "pos_embed", ("pos_embed",), "param"
+    yield "mask_token", ("mask_token",), "param"
+    yield "patch_embed.proj", ("patch_embed",), "conv"
+    for i in range(model.depth):
+        t, f = f"blocks.{i}", f"blocks_{i}"
+        yield f"{t}.norm1", (f, "norm1"), "ln"
+        yield f"{t}.attn.qkv", (f, "attn", "qkv"), "linear"
+        yield f"{t}.attn.proj", (f, "attn", "proj"), "linear"
+        yield f"{t}.norm2", (f, "norm2"), "ln"
+        yield f"{t}.mlp.fc1", (f, "mlp", "fc1"), "linear"
+        yield f"{t}.mlp.fc2", (f, "mlp", "fc2"), "linear"
+    yield "norm", ("norm",), "ln"
+    # feature = Sequential(Linear(L*E -> E, no bias), BatchNorm1d, Linear(E -> D, no bias), BatchNorm1d). The
+    # flatten is token-major in both frameworks, so feature.0 needs no row permutation.
+    yield "feature.0", ("feature_fc1",), "linear"
+    yield "feature.1", ("feature_bn1",), "bn"
+    yield "feature.2", ("feature_fc2",), "linear"
+    yield "feature.3", ("features",), "bn"
+
+
+def _modules(arch: str, model: nn.Module) -> Iterator[tuple[str, tuple[str, ...], str]]:
+    if arch in models.vit.VARIANTS:
+        return _vit_modules(model)
+    return _iresnet_modules(model) if arch.startswith("r") else _mbf_modules(model)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The leaf map
 # ---------------------------------------------------------------------------------------------------------------
 
-def _build(arch: str, embedding_size: int, input_size: int, width: float) -> nn.Module:
-    return models.build(arch, embedding_size=embedding_size, input_size=input_size, width=width)
+def _build(arch: str, embedding_size: int, input_size: int, width: float, patch_size: int = 0) -> nn.Module:
+    return models.build(arch, embedding_size=embedding_size, input_size=input_size, width=width,
+                        patch_size=patch_size)
 
 
-def abstract_variables(arch: str, embedding_size: int, input_size: int = 112, width: float = 1.0) -> Variables:
+def abstract_variables(arch: str, embedding_size: int, input_size: int = 112, width: float = 1.0,
+                       patch_size: int = 0) -> Variables:
     """The Flax variable tree of ``arch`` as ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
-    model = _build(arch, embedding_size, input_size, width)
+    model = _build(arch, embedding_size, input_size, width, patch_size)
     x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
 
 
 @functools.lru_cache(maxsize=16)
-def leaf_map(arch: str, embedding_size: int, input_size: int = 112, width: float = 1.0) -> tuple[Leaf, ...]:
+def leaf_map(arch: str, embedding_size: int, input_size: int = 112, width: float = 1.0,
+             patch_size: int = 0) -> tuple[Leaf, ...]:
     """Every PyTorch state-dict entry of ``arch`` in PyTorch's order, with its Flax path and layout.
+
+    ``patch_size`` is the ViTs' patch side (0: the variant's own); the other backbones require 0.
 
     Raises:
       RuntimeError: when the map and the Flax model disagree (a model was changed without this module).
     """
-    model = _build(arch, embedding_size, input_size, width)
+    model = _build(arch, embedding_size, input_size, width, patch_size)
     flat = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_variables(arch, embedding_size, input_size,
-                                                                                  width)).items()}
-    modules = _iresnet_modules(model) if arch.startswith("r") else _mbf_modules(model)
+                                                                                  width, patch_size)).items()}
+    modules = _modules(arch, model)
     leaves: list[Leaf] = []
     for t, f, kind in modules:
         p, s = ("params",) + f, ("batch_stats",) + f
+        if kind == "param":
+            p = ("params",) + f
         if kind == "conv":
             kh, kw, i, o = flat[p + ("kernel",)]
             leaves.append(Leaf(f"{t}.weight", p + ("kernel",), "conv", (o, i, kh, kw)))
+            if p + ("bias",) in flat:  # the ViT patch embedding; IResNet/MobileFaceNet convs have no bias
+                leaves.append(Leaf(f"{t}.bias", p + ("bias",), "same", flat[p + ("bias",)]))
+        elif kind == "param":  # a bare nn.Parameter of the model (ViT pos_embed, mask_token), same layout
+            leaves.append(Leaf(t, p, "same", flat[p]))
+        elif kind == "ln":
+            leaves.append(Leaf(f"{t}.weight", p + ("scale",), "same", flat[p + ("scale",)]))
+            leaves.append(Leaf(f"{t}.bias", p + ("bias",), "same", flat[p + ("bias",)]))
         elif kind == "prelu":
             leaves.append(Leaf(f"{t}.weight", p + ("slope",), "same", flat[p + ("slope",)]))
         elif kind in ("linear", "linear_chw"):
@@ -266,13 +316,20 @@ def describe_skipped(skipped: list[str], limit: int = 12) -> str:
 
 
 def _embedding_key(arch: str) -> str:
+    if arch in models.vit.VARIANTS:
+        return "feature.3.bias"
     return "features.bias" if arch.startswith("r") else "features.layers.3.bias"
+
+
+def _final_linear_key(arch: str) -> str:
+    if arch in models.vit.VARIANTS:
+        return "feature.2.weight"
+    return "fc.weight" if arch.startswith("r") else "features.layers.2.weight"
 
 
 def infer_embedding_size(state_dict: Mapping[str, np.ndarray], arch: str) -> int:
     """D from the head BatchNorm1d's bias (as the reference's IJB-C script does), else from the final Linear."""
-    for key, axis in ((_embedding_key(arch), 0), ("fc.weight" if arch.startswith("r") else
-                                                  "features.layers.2.weight", 0)):
+    for key, axis in ((_embedding_key(arch), 0), (_final_linear_key(arch), 0)):
         if key in state_dict and np.ndim(state_dict[key]) >= 1:
             return int(np.shape(state_dict[key])[axis])
     guess = guess_arch(state_dict)
@@ -282,7 +339,11 @@ def infer_embedding_size(state_dict: Mapping[str, np.ndarray], arch: str) -> int
 
 
 def guess_arch(keys: set[str] | Mapping[str, Any]) -> str | None:
-    """The architecture whose block layout matches the checkpoint's keys, or None (a hint for error messages)."""
+    """The architecture whose block layout matches the checkpoint's keys, or None (a hint for error messages).
+
+    For a ViT the state dict itself (not only its keys) is needed: the variants differ in shapes only.
+    """
+    state = keys
     keys = set(keys)
     if "conv1.weight" in keys and "layer1.0.conv1.weight" in keys:
         depth = []
@@ -295,6 +356,13 @@ def guess_arch(keys: set[str] | Mapping[str, Any]) -> str | None:
         return None
     if "layers.0.layers.0.weight" in keys:
         return "mbf" if "layers.1.layers.0.weight" in keys else "mbf_large"
+    if "patch_embed.proj.weight" in keys and isinstance(state, Mapping) and "pos_embed" in state:
+        # The ViT variants share their key names: tell them apart by depth and token width.
+        depth = len({int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))})
+        width = int(np.shape(state["pos_embed"])[-1])
+        for name, (e, d, *_rest) in models.vit.VARIANTS.items():
+            if (e, d) == (width, depth):
+                return name
     return None
 
 
@@ -303,9 +371,10 @@ def _first(keys: list[str], n: int = 10) -> str:
 
 
 def _check_keys(backbone: Mapping[str, np.ndarray], leaves: tuple[Leaf, ...], arch: str, embedding_size: int,
-                input_size: int, source: str) -> None:
+                input_size: int, source: str, patch_size: int = 0) -> None:
     """Raises a ValueError naming the first mismatching key and both shapes, the missing and unexpected keys."""
-    desc = f"{arch} (embedding_size={embedding_size}, input_size={input_size})"
+    desc = f"{arch} (embedding_size={embedding_size}, input_size={input_size}"
+    desc += f", patch_size={patch_size or models.vit.DEFAULT_PATCH.get(arch, 9)})" if arch in models.vit.VARIANTS else ")"
     wanted = [leaf for leaf in leaves if leaf.layout != "counter"]
     first = None
     for leaf in wanted:
@@ -334,11 +403,17 @@ def _check_keys(backbone: Mapping[str, np.ndarray], leaves: tuple[Leaf, ...], ar
     ckpt_d = infer_embedding_size(backbone, arch) if _embedding_key(arch) in backbone else None
     if ckpt_d is not None and ckpt_d != embedding_size:
         lines.append(f"Its embedding size is {ckpt_d} ({_embedding_key(arch)}): pass --embedding-size {ckpt_d}.")
+    if arch in models.vit.VARIANTS and "patch_embed.proj.weight" in backbone and "pos_embed" in backbone:
+        p = int(np.shape(backbone["patch_embed.proj.weight"])[-1])
+        g = int(round(np.shape(backbone["pos_embed"])[1] ** 0.5))
+        if (p, g) != (patch_size or models.vit.DEFAULT_PATCH.get(arch, 9), input_size // p):
+            lines.append(f"Its patches are {p}x{p} on a {g}x{g} grid: pass --patch-size {p} --input-size {g * p}.")
     raise ValueError(" ".join(lines))
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, embedding_size: int | None = None,
-                  input_size: int = 112, width: float = 1.0, *, source: str = "the state dict") -> Variables:
+                  input_size: int = 112, width: float = 1.0, *, source: str = "the state dict",
+                  patch_size: int = 0) -> Variables:
     """Converts an insightface PyTorch backbone state dict into Flax ``{'params', 'batch_stats'}``.
 
     Args:
@@ -349,6 +424,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, embedding_siz
       input_size: the image side the model was trained on (112 for the reference).
       width: stage-width multiplier of the Flax IResNet (1.0 for every PyTorch model).
       source: how error messages name the input (e.g. its path).
+      patch_size: the ViTs' patch side (0: the variant's own, 9); 0 for the other backbones.
 
     Returns:
       ``{'params': ..., 'batch_stats': ...}`` of float32 NumPy arrays, the tree ``models.build(arch, ...)`` uses.
@@ -364,8 +440,8 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, embedding_siz
         log.info("%s: skipped non-backbone keys: %s", source, describe_skipped(skipped))
     if embedding_size is None:
         embedding_size = infer_embedding_size(backbone, arch)
-    leaves = leaf_map(arch, int(embedding_size), int(input_size), float(width))
-    _check_keys(backbone, leaves, arch, int(embedding_size), int(input_size), source)
+    leaves = leaf_map(arch, int(embedding_size), int(input_size), float(width), int(patch_size))
+    _check_keys(backbone, leaves, arch, int(embedding_size), int(input_size), source, int(patch_size))
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for leaf in leaves:
         if leaf.layout == "counter":
@@ -387,7 +463,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, embedding_siz
 # ---------------------------------------------------------------------------------------------------------------
 
 def flax_to_torch(variables: Mapping[str, Any], arch: str, embedding_size: int | None = None,
-                  input_size: int = 112, width: float = 1.0) -> StateDict:
+                  input_size: int = 112, width: float = 1.0, patch_size: int = 0) -> StateDict:
     """Converts Flax ``{'params', 'batch_stats'}`` of ``arch`` into an insightface PyTorch state dict.
 
     The result is in PyTorch's key order and loads with ``strict=True`` into the reference's
@@ -400,6 +476,7 @@ def flax_to_torch(variables: Mapping[str, Any], arch: str, embedding_size: int |
       embedding_size: D; read from ``params/features/bias`` when None.
       input_size: the model's image side.
       width: the IResNet stage-width multiplier the variables were built with.
+      patch_size: the ViTs' patch side (0: the variant's own, 9); 0 for the other backbones.
 
     Returns:
       key -> float32 NumPy array (int64 for the counters).
@@ -415,8 +492,9 @@ def flax_to_torch(variables: Mapping[str, Any], arch: str, embedding_size: int |
         if bias is None:
             raise ValueError("the variables have no params/features/bias; are they an IResNet/MobileFaceNet backbone?")
         embedding_size = int(np.shape(bias)[0])
-    leaves = leaf_map(arch, int(embedding_size), int(input_size), float(width))
-    desc = f"{arch} (embedding_size={embedding_size}, input_size={input_size}, width={width})"
+    leaves = leaf_map(arch, int(embedding_size), int(input_size), float(width), int(patch_size))
+    desc = f"{arch} (embedding_size={embedding_size}, input_size={input_size}, width={width}"
+    desc += f", patch_size={patch_size})" if patch_size else ")"
     for leaf in leaves:
         if leaf.flax_path is None:
             continue
@@ -491,11 +569,13 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.P
     atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
-def converted_config(arch: str, embedding_size: int, input_size: int, source: str) -> ml_collections.ConfigDict:
+def converted_config(arch: str, embedding_size: int, input_size: int, source: str,
+                     patch_size: int = 0) -> ml_collections.ConfigDict:
     """The ``config.json`` of a converted run: what ``models.build`` needs plus where the weights came from."""
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dict(
-        arch=arch, embedding_size=int(embedding_size), input_size=int(input_size), width=1.0, dtype="float32"))
+        arch=arch, embedding_size=int(embedding_size), input_size=int(input_size), width=1.0, dtype="float32",
+        patch_size=int(patch_size), remat="auto"))
     config.data = ml_collections.ConfigDict(dict(
         input_scale="clean",
         input_scale_note=("insightface models are trained on (x/255-0.5)/0.5 = (x-127.5)/127.5 ('clean'); the "
@@ -507,7 +587,7 @@ def converted_config(arch: str, embedding_size: int, input_size: int, source: st
 
 
 def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: str, embedding_size: int | None = None,
-                 input_size: int = 112) -> ml_collections.ConfigDict:
+                 input_size: int = 112, patch_size: int = 0) -> ml_collections.ConfigDict:
     """Converts a PyTorch backbone file into the run directory ``out``; returns the written config."""
     out = pathlib.Path(out)
     ckpt_dir = out / checkpoint.CHECKPOINT_DIR
@@ -522,8 +602,9 @@ def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: st
         print(f"skipped (not part of the backbone): {describe_skipped(skipped)}")
     if embedding_size is None:
         embedding_size = infer_embedding_size(backbone, arch)
-    variables = torch_to_flax(backbone, arch, embedding_size, input_size, source=f"--torch {torch_path}")
-    config = converted_config(arch, embedding_size, input_size, source)
+    variables = torch_to_flax(backbone, arch, embedding_size, input_size, source=f"--torch {torch_path}",
+                              patch_size=patch_size)
+    config = converted_config(arch, embedding_size, input_size, source, patch_size)
     checkpoint.save_model_only(out, config, variables)
     n = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"converted {source} -> {out} ({arch}, D={embedding_size}, input {input_size}, {n / 1e6:.2f}M parameters)")
@@ -538,7 +619,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, arch: str | N
     if arch is not None and arch != m.arch:
         raise ValueError(f"--arch {arch} does not match {run_dir}/config.json model.arch={m.arch!r}; drop --arch "
                          f"or pick the right run")
-    state = flax_to_torch(variables, m.arch, m.embedding_size, m.input_size, m.get("width", 1.0))
+    state = flax_to_torch(variables, m.arch, m.embedding_size, m.input_size, m.get("width", 1.0),
+                          m.get("patch_size", 0))
     save_torch_state_dict(state, out)
     print(f"exported {run_dir} ({m.arch}, D={m.embedding_size}) -> {out} ({len(state)} entries)")
     return state
@@ -558,6 +640,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embedding-size", type=int, default=None,
                         help="D (default: inferred from features.bias)")
     parser.add_argument("--input-size", type=int, default=None, help="image side the model was trained on (112)")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="ViTs: patch side (default: the variant's own, 9 for the insightface ViTs)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: latest)")
     parser.add_argument("--out", required=True,
                         help="--torch: the run directory to create; --export: the .pt file to write")
@@ -567,10 +651,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--torch needs --arch (e.g. --arch r18)")
         if args.step is not None:
             parser.error("--step applies to --export only")
-        import_torch(args.torch, args.out, args.arch, args.embedding_size, args.input_size or 112)
+        import_torch(args.torch, args.out, args.arch, args.embedding_size, args.input_size or 112,
+                     args.patch_size or 0)
     else:
-        if args.embedding_size is not None or args.input_size is not None:
-            parser.error("--export reads the embedding and input size from the run's config.json; drop them")
+        if args.embedding_size is not None or args.input_size is not None or args.patch_size is not None:
+            parser.error("--export reads the embedding, input and patch size from the run's config.json; drop them")
         export_run(args.export, args.out, args.arch, args.step)
 
 

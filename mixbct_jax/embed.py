@@ -50,9 +50,7 @@ def make_embedder(config, variables: Any, *, batch_size: int = 256, devices=None
     """An ``Embedder`` for an in-memory model (used by ``load_embedder`` and by evaluation during training)."""
     devices = list(devices if devices is not None else jax.local_devices())
     batch_size = max(len(devices), (batch_size + len(devices) - 1) // len(devices) * len(devices))
-    model = models.build(config.model.arch, embedding_size=config.model.embedding_size,
-                         input_size=config.model.input_size, width=config.model.get("width", 1.0),
-                         dtype=config.model.get("dtype", "float32"))
+    model = models.build_from_config(config.model)
     mesh = Mesh(np.array(devices), ("data",))
     replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     variables = jax.device_put(variables, replicated)

@@ -109,8 +109,11 @@ def make_body(config, model: nn.Module, method: types.ModuleType, tx: optax.Grad
         labels = batch["label"]
 
         def loss_fn(params):
+            # The backbone's own randomness (ViT token masking, drop path) gets a key folded from this device's
+            # step key, so the split below (and every method's numbers) stays as it was.
             emb, mutated = model.apply({"params": params["backbone"], "batch_stats": state["batch_stats"]}, images,
-                                       train=True, mutable=["batch_stats"])
+                                       train=True, mutable=["batch_stats"],
+                                       rngs={"dropout": jax.random.fold_in(rng, 1)})
             emb = emb.astype(jnp.float32)  # [b, D]
             metrics = {}
             emb_head = emb

@@ -97,8 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                          f"config.model.input_size={config.model.input_size}; make them agree.")
 
     # ------------------------------------------------------------------------------------------ model, method
-    model = models.build(config.model.arch, embedding_size=config.model.embedding_size,
-                         input_size=config.model.input_size, width=config.model.width, dtype=config.model.dtype)
+    model = models.build_from_config(config.model)
     method = bct.get(config.bct.method)
     needs = tuple(getattr(method, "NEEDS", ()))
     const_names = tuple(getattr(method, "CONSTS", ()))
