@@ -19,13 +19,23 @@ initialisation) is printed for both as a sanity check: ArcFace at init gives abo
 
 Model FLOPs are counted analytically: forward multiply-accumulates of every conv and of the fc layer, times 2
 (FLOPs per MAC) times 3 (forward + backward); r50 at 112x112 gives 37.9 GFLOP per training image. On a GPU the
-model FLOP utilisation is reported against ``--peak-tflops`` (dense bf16; 989 for an H100 SXM) per device.
+model FLOP utilisation is reported against ``--peak-tflops`` (dense bf16; 989 for an H100 SXM) per device; on a
+CPU, where no peak is known, the achieved model GFLOP/s instead.
+
+ViTs (``--arch vit_t|vit_s|vit_b|vit_l``, SPEC §2.4) run on the JAX side only, next to a JAX IResNet baseline
+(``--baseline``, r50 by default) with the same head, batch and dtype, timed in alternating windows in the same run.
+Their count (``vit_forward_macs``): patch embedding ``L E 3 p^2``; per block, on the T tokens the encoder sees in
+training (T = int(L (1 - mask_ratio)): 129 of 144 for vit_s), ``12 T E^2`` for qkv, proj and the 4E MLP plus
+``2 T^2 E`` for q k^T and attn v; head ``L E^2 + E D``. vit_s at 112x112 with D=512 gives 30.8 GFLOP per
+training image. Remat's recomputed forward is not counted (model FLOPs, not hardware FLOPs); LayerNorm, softmax,
+BatchNorm and the classifier head are left out, as for the IResNets.
 
 One JSON line per run goes to stdout (and is appended to ``--jsonl``, default ``$OUT/bench.jsonl`` when ``OUT`` is
 set), followed by a human-readable line.
 
     python benchmarks/train_step.py --arch r18 --batch 32                      # CPU, float32, JAX vs PyTorch
     python benchmarks/train_step.py --arch r50 --batch 512 --dtype bfloat16    # one GPU run, JAX vs PyTorch
+    python benchmarks/train_step.py --arch vit_s --batch 16                    # CPU: ViT-S next to r50 (JAX)
     python benchmarks/train_step.py --all-gpu                                  # the H100 preset (<= 7 minutes)
 """
 
@@ -57,13 +67,20 @@ PRESET_STEPS, PRESET_WARMUP, PRESET_WINDOWS = 20, 5, 4
 ARCH_STAGES = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3),
                "r200": (6, 26, 60, 6)}
 WIDTHS = (64, 128, 256, 512)
+# insightface ViTs (SPEC §2.4): embed_dim, depth, mask_ratio; 8 heads, patch 9, MLP 4E.
+VIT_DIMS = {"vit_t": (256, 12, 0.1), "vit_s": (512, 12, 0.1), "vit_b": (512, 24, 0.1), "vit_l": (768, 24, 0.05)}
+VIT_PATCH = 9
 ARCFACE_S, ARCFACE_M = 64.0, 0.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="r18", choices=sorted(ARCH_STAGES))
+    p.add_argument("--arch", default="r18", choices=sorted(ARCH_STAGES) + sorted(VIT_DIMS))
+    p.add_argument("--baseline", default=None,
+                   help="a second JAX backbone timed in the same run with the same head (default: r50 for a ViT, "
+                        "none otherwise; 'none' turns it off)")
+    p.add_argument("--remat", default="auto", choices=("auto", "on", "off"), help="ViTs: jax.checkpoint per block")
     p.add_argument("--batch", type=int, default=32, help="global batch (split over the JAX devices)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--input-size", type=int, default=112)
@@ -97,8 +114,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be >= --windows >= 1")
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step compiles and gives the loss at init)")
-    if args.input_size % 16:
-        p.error("--input-size must be divisible by 16")
+    if args.baseline is None:
+        args.baseline = "r50" if args.arch in VIT_DIMS else "none"
+    if args.baseline != "none" and args.baseline not in ARCH_STAGES:
+        p.error(f"--baseline must be an IResNet ({', '.join(sorted(ARCH_STAGES))}) or none")
+    if args.arch in VIT_DIMS:
+        args.no_torch = True  # the PyTorch side of this benchmark is an IResNet only
+    if (args.arch in ARCH_STAGES or args.baseline != "none") and args.input_size % 16:
+        p.error("--input-size must be divisible by 16 for an IResNet")
     return args
 
 
@@ -126,8 +149,21 @@ def forward_macs(arch: str, input_size: int, embedding_size: int) -> int:
     return macs
 
 
+def vit_forward_macs(arch: str, input_size: int, embedding_size: int, train: bool = True) -> int:
+    """Multiply-accumulates of one image's ViT forward (see the module docstring); ``train`` counts the kept tokens."""
+    e, depth, mask_ratio = VIT_DIMS[arch]
+    n = (input_size // VIT_PATCH) ** 2
+    t = int(n * (1 - mask_ratio)) if train else n
+    macs = n * e * 3 * VIT_PATCH**2  # patch embedding
+    macs += depth * (12 * t * e * e + 2 * t * t * e)  # qkv 3E^2 + proj E^2 + MLP 8E^2 per token; q k^T, attn v
+    macs += n * e * e + e * embedding_size  # head: Linear(L E -> E), Linear(E -> D)
+    return macs
+
+
 def train_gflop_per_image(arch: str, input_size: int, embedding_size: int) -> float:
-    """3 x forward MACs x 2: forward + backward (twice the forward) in FLOPs; r50 at 112 -> 37.9."""
+    """3 x forward MACs x 2: forward + backward (twice the forward) in FLOPs; r50 at 112 -> 37.9, vit_s -> 30.8."""
+    if arch in VIT_DIMS:
+        return 3 * 2 * vit_forward_macs(arch, input_size, embedding_size) / 1e9
     return 3 * 2 * forward_macs(arch, input_size, embedding_size) / 1e9
 
 
@@ -202,19 +238,21 @@ class Runner:
         return out
 
 
-def setup_jax(args) -> Runner:
+def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
     import jax
     import numpy as np
     from jax.sharding import Mesh
 
     from mixbct_jax import bct, config as config_lib, models, optim, step as step_lib
 
+    arch = arch or args.arch
     devices = jax.devices()
     n = len(devices)
     if args.batch % n:
         raise ValueError(f"--batch {args.batch} must be divisible by the {n} devices")
     config = config_lib.default_config()
-    config.model.arch = args.arch
+    config.model.arch = arch
+    config.model.remat = args.remat if arch in VIT_DIMS else "auto"
     config.model.embedding_size = args.embedding_size
     config.model.input_size = args.input_size
     config.model.dtype = args.dtype
@@ -224,8 +262,7 @@ def setup_jax(args) -> Runner:
     config.parallel = args.parallel
     steps_per_epoch, total_steps = 10_000, 1_000_000  # the LR schedule's shape does not matter here
 
-    model = models.build(args.arch, embedding_size=args.embedding_size, input_size=args.input_size,
-                         dtype=args.dtype)
+    model = models.build_from_config(config.model)
     method = bct.get(args.method)
     schedule = optim.make_schedule(config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     tx = optim.make_optimizer(config.optim, schedule)
@@ -267,7 +304,7 @@ def setup_jax(args) -> Runner:
         box["state"], box["metrics"] = par.step(box["state"], batch, key, consts)
         return box["metrics"]["loss"]
 
-    info = dict(init_s=round(init_s, 2), devices=n, device_kind=devices[0].device_kind,
+    info = dict(arch=arch, init_s=round(init_s, 2), devices=n, device_kind=devices[0].device_kind,
                 platform=devices[0].platform, version=jax.__version__, parallel=args.parallel, method=args.method)
     if args.xla_flops:
         import jax.numpy as jnp
@@ -281,7 +318,7 @@ def setup_jax(args) -> Runner:
     def close():
         box.clear()
 
-    return Runner("jax", step, lambda: jax.block_until_ready((box["state"], box["metrics"])), info,
+    return Runner(name, step, lambda: jax.block_until_ready((box["state"], box["metrics"])), info,
                   lambda: box["metrics"]["loss"], close)
 
 
@@ -420,7 +457,13 @@ def run_one(args) -> dict:
               "num_classes": args.num_classes, "steps": args.steps, "warmup": args.warmup, "windows": args.windows,
               "cpu": cpu_description(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
               "gflop_per_img": round(train_gflop_per_image(args.arch, args.input_size, args.embedding_size), 3),
-              "flop_count": "analytic: 3 x 2 x forward MACs of convs + fc", "peak_tflops": args.peak_tflops,
+              "flop_count": ("analytic: 3 x 2 x forward MACs of " +
+                             ("patch conv + blocks on the kept tokens + head" if args.arch in VIT_DIMS
+                              else "convs + fc")),
+              "peak_tflops": args.peak_tflops, "baseline_arch": args.baseline, "baseline": None,
+              "baseline_gflop_per_img": (round(train_gflop_per_image(args.baseline, args.input_size,
+                                                                     args.embedding_size), 3)
+                                         if args.baseline != "none" else None),
               "loss_init_expected": round(expected_init_loss(args.num_classes, args.embedding_size), 2),
               "jax": None, "torch": None, "errors": {}}
     per_window = args.steps // args.windows
@@ -453,15 +496,25 @@ def run_one(args) -> dict:
         measure([pt])
         pt = None
     jx = None if args.no_jax else attempt("jax", lambda: setup_jax(args))
-    measure([r for r in (pt, jx) if r is not None])
-    record["interleaved"] = bool(interleave and not args.no_torch and not args.no_jax)
+    base = None
+    if not args.no_jax and args.baseline != "none":
+        base = attempt("baseline", lambda: setup_jax(args, arch=args.baseline, name="baseline"))
+    measure([r for r in (pt, jx, base) if r is not None])
+    record["interleaved"] = bool((interleave and not args.no_torch and not args.no_jax) or base is not None)
 
-    jx, pt = record["jax"], record["torch"]
+    jx, pt, bs = record["jax"], record["torch"], record["baseline"]
     if jx:
         record["machine"] = (f"{jx['devices']} x {jx['device_kind']} ({jx['platform']}); host {record['cpu']}, "
                              f"{record['cpu_count']} CPUs")
     record["ratio_jax_over_torch"] = jx["img_s"] / pt["img_s"] if jx and pt else None
     flop = record["gflop_per_img"] * 1e9
+    for x, gflop in ((jx, record["gflop_per_img"]), (bs, record["baseline_gflop_per_img"])):
+        if x:  # achieved model GFLOP/s: the CPU figure (no known peak), and the MFU's numerator on a GPU
+            x["model_gflop_s"] = x["img_s"] * gflop
+    if bs and bs["platform"] != "cpu":
+        bs["mfu"] = bs["img_s"] * record["baseline_gflop_per_img"] * 1e9 / (args.peak_tflops * 1e12 * bs["devices"])
+    if jx and bs:
+        record["ratio_over_baseline"] = jx["img_s"] / bs["img_s"]
     if jx and jx["platform"] != "cpu":
         jx["mfu"] = jx["img_s"] * flop / (args.peak_tflops * 1e12 * jx["devices"])
     if pt and pt["device"] != "cpu":
@@ -470,21 +523,29 @@ def run_one(args) -> dict:
 
 
 def human_line(r: dict) -> str:
-    parts = [f"{r['arch']} {r['input_size']}px {r['dtype']} batch {r['batch']} C={r['num_classes']}"]
-    jx, pt = r["jax"], r["torch"]
+    parts = [f"{r['arch']} ({r['gflop_per_img']:.1f} GFLOP/img) {r['input_size']}px {r['dtype']} "
+             f"batch {r['batch']} C={r['num_classes']}"]
+    jx, pt, bs = r["jax"], r["torch"], r.get("baseline")
 
-    def extra(x):  # MFU on a GPU, images per CPU-second on a CPU
-        return f", MFU {100 * x['mfu']:.1f}%" if "mfu" in x else f", {x['img_per_cpu_s']:.2f} img/CPU-s"
+    def extra(x):  # MFU on a GPU, model GFLOP/s and images per CPU-second on a CPU
+        if "mfu" in x:
+            return f", MFU {100 * x['mfu']:.1f}%"
+        return f", {x['model_gflop_s']:.1f} model GFLOP/s, {x['img_per_cpu_s']:.2f} img/CPU-s"
 
     if jx:
-        parts.append(f"JAX {jx['img_s']:.2f} img/s ({jx['ms_per_step']:.1f} ms/step{extra(jx)}; {jx['devices']} x "
-                     f"{jx['device_kind']}, {jx['parallel']}, method {jx['method']})")
+        parts.append(f"JAX {r['arch']} {jx['img_s']:.2f} img/s ({jx['ms_per_step']:.1f} ms/step{extra(jx)}; "
+                     f"{jx['devices']} x {jx['device_kind']}, {jx['parallel']}, method {jx['method']})")
+    if bs:
+        parts.append(f"JAX {bs['arch']} ({r['baseline_gflop_per_img']:.1f} GFLOP/img) {bs['img_s']:.2f} img/s "
+                     f"({bs['ms_per_step']:.1f} ms/step{extra(bs)})")
+    if r.get("ratio_over_baseline"):
+        parts.append(f"{r['arch']}/{bs['arch']} img/s {r['ratio_over_baseline']:.2f} (interleaved)")
     if pt:
         parts.append(f"PyTorch {pt['img_s']:.2f} img/s ({pt['ms_per_step']:.1f} ms/step{extra(pt)}; {pt['device']}, "
                      f"{pt['threads']} threads)")
     if r["ratio_jax_over_torch"] is not None:
         parts.append(f"JAX/PyTorch {r['ratio_jax_over_torch']:.2f}" + (" (interleaved)" if r["interleaved"] else ""))
-    losses = [f"{k} {v['loss_init']:.2f}" for k, v in (("JAX", jx), ("PyTorch", pt)) if v]
+    losses = [f"{k} {v['loss_init']:.2f}" for k, v in (("JAX", jx), ("JAX baseline", bs), ("PyTorch", pt)) if v]
     if losses:
         parts.append("loss at init " + ", ".join(losses) + f" (expected ~{r['loss_init_expected']:.1f})")
     for k, v in r["errors"].items():
