@@ -523,8 +523,8 @@ def run_one(args) -> dict:
 
 
 def human_line(r: dict) -> str:
-    parts = [f"{r['arch']} ({r['gflop_per_img']:.1f} GFLOP/img) {r['input_size']}px {r['dtype']} "
-             f"batch {r['batch']} C={r['num_classes']}"]
+    parts = [(f"{r['arch']} ({r['gflop_per_img']:.1f} GFLOP/img) {r['input_size']}px {r['dtype']} "
+              f"batch {r['batch']} C={r['num_classes']}")]
     jx, pt, bs = r["jax"], r["torch"], r.get("baseline")
 
     def extra(x):  # MFU on a GPU, model GFLOP/s and images per CPU-second on a CPU

@@ -209,8 +209,6 @@ def leaf_map(arch: str, embedding_size: int, input_size: int = 112, width: float
     leaves: list[Leaf] = []
     for t, f, kind in modules:
         p, s = ("params",) + f, ("batch_stats",) + f
-        if kind == "param":
-            p = ("params",) + f
         if kind == "conv":
             kh, kw, i, o = flat[p + ("kernel",)]
             leaves.append(Leaf(f"{t}.weight", p + ("kernel",), "conv", (o, i, kh, kw)))

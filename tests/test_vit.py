@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,8 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from mixbct_jax import checkpoint, config as config_lib, convert, embed, evaluate, extract, models, train
+from mixbct_jax import checkpoint, convert, embed, evaluate, extract, models, train
+from mixbct_jax import config as config_lib
 from mixbct_jax.models import vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -128,7 +130,7 @@ def randomize(model: TorchViT, seed: int, input_size: int, calib: int = 8) -> To
     hooks = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+            if name.endswith(("norm1.weight", "norm2.weight")) or name == "norm.weight":
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             elif p.dim() >= 2 and "pos_embed" not in name and "mask_token" not in name:
                 fan_in = p[0].numel()
@@ -259,7 +261,7 @@ def test_training_masking_matches_pytorch_with_the_same_kept_tokens():
             seen["x"] = args[0]
         return next_fun(*args, **kwargs)
 
-    with nn_intercept(record_head_input):
+    with nn.intercept_methods(record_head_input):
         emb, _ = net.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(7)})
     tokens = np.asarray(seen["x"]).reshape(4, 64, 64)  # [B, L, E] after the un-shuffle
     filled = np.all(tokens == np.asarray(variables["params"]["mask_token"]), axis=-1)  # [B, L]
@@ -269,12 +271,6 @@ def test_training_masking_matches_pytorch_with_the_same_kept_tokens():
     with torch.no_grad():
         ref = model.train()(xt, keep=keep).numpy()  # BatchNorm on batch statistics, as Flax's train=True
     np.testing.assert_allclose(np.asarray(emb), ref, rtol=0, atol=MAX_ABS)
-
-
-def nn_intercept(fn):
-    import flax.linen as nn
-
-    return nn.intercept_methods(fn)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,7 +368,8 @@ def test_train_step_masks_from_the_step_key_reproducibly():
     """The step hands the ViT a key folded from its per-device step key: same key, same update; new key, new one."""
     from jax.sharding import Mesh
 
-    from mixbct_jax import bct, optim, step as step_lib
+    from mixbct_jax import bct, optim
+    from mixbct_jax import step as step_lib
 
     c = config_lib.default_config()
     c.model.arch, c.model.embedding_size, c.model.input_size = "vit_tiny", 16, 16

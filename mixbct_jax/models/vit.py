@@ -165,7 +165,7 @@ class VisionTransformer(nn.Module):
 
     def _mask(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keeps a random subset of tokens per sample; returns them and the permutation that restores the order."""
-        b, n, e = x.shape
+        b, n = x.shape[:2]
         noise = jax.random.uniform(self.make_rng("dropout"), (b, n))
         ids_shuffle = jnp.argsort(noise, axis=1)  # ascending: the smallest noise values are kept
         ids_restore = jnp.argsort(ids_shuffle, axis=1)
