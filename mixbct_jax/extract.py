@@ -153,4 +153,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    from mixbct_jax import cli
+
+    cli.run(main)
