@@ -130,7 +130,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
         old_embeddings.validate(old, num_examples=len(subset), source_labels=subset.labels,
                                 # every method compares or mixes old and new embeddings: the sizes must agree
                                 embedding_size=config.model.embedding_size,
-                                num_classes=num_classes)
+                                num_classes=num_classes,
+                                # every row by default (streamed): a NaN row outside a sample poisons training
+                                check_all_rows=config.old.finite_check == "full")
         if "credible" in needs and old.credible is None:
             raise ValueError(f"config.bct.method={config.bct.method!r} needs config.old.credible (python -m "
                              f"mixbct_jax.prepare denoise ...)")
