@@ -91,27 +91,6 @@ def test_kill_9_mid_run_then_rerun_is_bit_identical_and_logs_each_step_once(tmp_
     assert not (workdir / guard.LOCK_FILE).exists()
 
 
-def test_metrics_are_truncated_to_the_restored_step(tmp_path, monkeypatch, straight):
-    """Killed after logging step 4 but with only the step-3 checkpoint: step 4 is logged once, not twice."""
-    workdir = tmp_path / "run"
-    original = train._append_jsonl
-
-    def append_then_die(path, record):
-        original(path, record)
-        if record.get("step") == 4:
-            raise KeyboardInterrupt("killed after logging step 4")
-
-    monkeypatch.setattr(train, "_append_jsonl", append_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(quick(6), workdir)
-    monkeypatch.setattr(train, "_append_jsonl", original)
-    assert steps_logged(workdir) == [2, 4] and saved_steps(workdir) == [3]
-    train.train_and_evaluate(quick(6), workdir)
-    assert steps_logged(workdir) == [2, 4, 6]
-    for a, b in zip(params(workdir), params(straight)):
-        np.testing.assert_array_equal(a, b)
-
-
 # ------------------------------------------------------------------------------------------------ resume guard
 
 
@@ -338,18 +317,14 @@ def _skip_steps(monkeypatch, bad_steps):
     return START
 
 
-def test_skipped_steps_are_counted_and_never_checkpointed(tmp_path, monkeypatch, capsys):
-    _skip_steps(monkeypatch, bad_steps={3})
-    train.train_and_evaluate(quick(6, log_every_steps=1), tmp_path)
-    assert saved_steps(tmp_path) == [6]  # step 3 was skipped: no checkpoint at 3
-    assert "step 3: not checkpointed" in capsys.readouterr().err
+def test_skipped_steps_are_counted_never_checkpointed_and_a_run_ending_on_them_names_the_last_good_one(
+        tmp_path, monkeypatch, capsys):
+    _skip_steps(monkeypatch, bad_steps={2, 5, 6})
+    config = quick(6, log_every_steps=1, **{"checkpoint.every_steps": 2})
+    with pytest.raises(train.NonFiniteLossError, match=r"last finite step was 4.*last good checkpoint \(step 4\)"):
+        train.train_and_evaluate(config, tmp_path)
+    assert saved_steps(tmp_path) == [4]  # not 2 (skipped) nor 6 (skipped, and the run ends on it)
+    assert "step 2: not checkpointed" in capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
-    assert [r["consecutive_nonfinite"] for r in records] == [0, 0, 1, 0, 0, 0]
-
-
-def test_a_run_ending_on_skipped_steps_names_the_last_good_checkpoint(tmp_path, monkeypatch):
-    _skip_steps(monkeypatch, bad_steps={5, 6})
-    with pytest.raises(train.NonFiniteLossError, match=r"last finite step was 4.*last good checkpoint \(step 3\)"):
-        train.train_and_evaluate(quick(6, log_every_steps=1), tmp_path)
-    assert saved_steps(tmp_path) == [3]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1, 2, 3]
+    assert [r["consecutive_nonfinite"] for r in records] == [0, 1, 0, 0, 1, 2]
