@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
     with config.unlocked():
         config.optim.lr = 1e30  # diverges
         config.optim.clip_norm = 0.0
-    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(train.NonFiniteLossError, match="last finite step was"):
         train.train_and_evaluate(config, tmp_path)
 
 
