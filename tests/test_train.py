@@ -103,7 +103,7 @@ def test_finished_run_is_not_retrained(straight_run, capsys):
     before = (straight_run / "metrics.jsonl").read_text()
     train.train_and_evaluate(quick(6), straight_run)
     assert (straight_run / "metrics.jsonl").read_text() == before
-    assert "resuming" in capsys.readouterr().err
+    assert "is finished (step 6/6)" in capsys.readouterr().err
 
 
 def test_pmap_mode_trains(tmp_path):
