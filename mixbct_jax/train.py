@@ -428,7 +428,24 @@ def main(argv: list[str] | None = None) -> None:
         maybe_initialize_distributed(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
-    app.run(run, argv=["mixbct_jax.train", *argv])
+    if any(a in ("--help", "--helpshort", "--helpfull", "-h") for a in argv):
+        app.run(run, argv=["mixbct_jax.train", *argv])
+        return
+    # Parsed here rather than by app.run, which prints a bad value or an unknown field as a multi-line report.
+    try:
+        flags.FLAGS(["mixbct_jax.train", *argv])
+    except flags.Error as e:
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+        raise cli.UserError(lines[-1] if len(lines) > 1 else str(e)) from None
+    except AttributeError as e:  # ml_collections: an override of a field that does not exist
+        import re
+        key = (re.findall(r"\w+", str(e)) or ["?"])[0]
+        flag = next((x.split("=", 1)[0] for x in argv if x.startswith("--config.") and
+                     x.split("=", 1)[0].endswith(f".{key}")), f"--config...{key}")
+        hint = re.search(r'Did you mean "[^"]+"', str(e))
+        raise cli.UserError(f"{flag}: {key!r} is not a config field" + (f"; {hint.group(0)}?" if hint else "") +
+                            " (the fields are listed in mixbct_jax/config.py)") from None
+    run(None)
 
 
 if __name__ == "__main__":

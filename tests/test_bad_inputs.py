@@ -205,6 +205,13 @@ CLI_CASES = {
                              "configs/config.py: no such config file"),
     "train_mix_ratio": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal", "--workdir", "{d}/w",
                          "--config.bct.mix_ratio=1.5"], "config.bct.mix_ratio=1.5: must be in [0, 1]"),
+    "train_unknown_field": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal", "--workdir", "{d}/w",
+                             "--config.optim.lrr=0.1"], "--config.optim.lrr: 'lrr' is not a config field"),
+    "train_value_of_the_wrong_type": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal",
+                                       "--workdir", "{d}/w", "--config.bct.mix_ratio=abc"],
+                                      "--config.bct.mix_ratio=abc: could not convert"),
+    "train_unknown_config_argument": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal,rolee=new",
+                                       "--workdir", "{d}/w"], "config argument 'rolee' is unknown"),
     "train_zero_frequency": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal", "--workdir",
                               "{d}/w", "--config.checkpoint.every_steps=0"], "config.checkpoint.every_steps=0"),
     "train_new_model_into_old_workdir": (
