@@ -183,10 +183,16 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     # Restore onto one local device whatever the saving topology was: without a target Orbax rebuilds the saved
     # shardings, which fails when the devices differ (another device count, or a multi-process run's devices).
     device = jax.local_devices()[0]
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-        mngr.item_metadata(step)["model"])
-    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-    mngr.close()
+    try:
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+            mngr.item_metadata(step)["model"])
+        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+    except Exception as err:  # Orbax/TensorStore raise many types for a damaged or missing item
+        others = [s for s in mngr.all_steps() if s != step]
+        raise ValueError(f"{directory}/{step} cannot be read ({_reason(err)}); load another saved step "
+                         f"({others or 'none'}, --step where the command has it) or retrain") from None
+    finally:
+        mngr.close()
     variables = jax.tree.map(np.asarray, restored["model"])
     return config, variables

@@ -257,6 +257,17 @@ def test_a_missing_item_metadata_file_is_not_damage(tmp_path):
     mngr.close()
 
 
+def test_loading_a_damaged_model_for_inference_is_one_error_naming_the_step(tmp_path):
+    mngr, _ = _tiny_manager(tmp_path)
+    mngr.close()
+    checkpoint.write_config(tmp_path, config_lib.load(ROOT / "configs" / "quickstart.py", "runlocal"))
+    for p in (tmp_path / "checkpoints" / "2" / "model").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoints/2 cannot be read \(.*\); load another saved step \(\[1\]"):
+        checkpoint.load_params(tmp_path)
+
+
 def test_no_readable_checkpoint_is_one_error_and_moves_nothing(tmp_path):
     mngr, abstract = _tiny_manager(tmp_path)
     wrong = {"w": jax.ShapeDtypeStruct((32, 8), np.float32, sharding=abstract["w"].sharding), "b": abstract["b"]}
