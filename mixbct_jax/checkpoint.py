@@ -104,7 +104,7 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int
     for candidate in steps:
         try:
             restored = mngr.restore(candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        except Exception as err:  # Orbax/TensorStore raise many types for damaged files; all mean "unreadable"
+        except Exception as err:  # Orbax/TensorStore raise many types for damaged files: all mean "unreadable"
             if step is not None:
                 raise
             failures.append((candidate, _reason(err)))
@@ -188,7 +188,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
             mngr.item_metadata(step)["model"])
         restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-    except Exception as err:  # Orbax/TensorStore raise many types for a damaged or missing item
+    except Exception as err:  # noqa: BLE001 (Orbax/TensorStore raise many types for a damaged item)
         others = [s for s in mngr.all_steps() if s != step]
         raise ValueError(f"{directory}/{step} cannot be read ({_reason(err)}); load another saved step "
                          f"({others or 'none'}, --step where the command has it) or retrain") from None

@@ -260,8 +260,8 @@ class _SkipCounter:
 
     def __init__(self, start_step: int, limit: int, workdir, mngr):
         self.limit, self.workdir, self.mngr = limit, workdir, mngr
-        self.counts = {k: jnp.asarray(v, jnp.int32) for k, v in
-                       dict(steps=start_step, skipped=0, consecutive=0, last_finite=start_step).items()}
+        start = {"steps": start_step, "skipped": 0, "consecutive": 0, "last_finite": start_step}
+        self.counts = {k: jnp.asarray(v, jnp.int32) for k, v in start.items()}
 
     def update(self, finite: jax.Array) -> None:
         self.counts = _count_skips(self.counts, finite)

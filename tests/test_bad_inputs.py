@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixbct_jax import checkpoint, cli, config as config_lib, embed, evaluate, guard, models, train
+from mixbct_jax import checkpoint, cli, embed, evaluate, guard, models, train
+from mixbct_jax import config as config_lib
 from mixbct_jax.data import old_embeddings
 from mixbct_jax.evaluation import report, verification
 
@@ -79,7 +80,7 @@ def test_a_nan_row_outside_the_sample_is_found_by_the_default_full_check(tmp_pat
     features[skipped * chunk + 5] = np.nan
     np.save(tmp_path / "features.npy", features)
     old = old_embeddings.open_old_embeddings(features=str(tmp_path / "features.npy"))
-    kw = dict(num_examples=rows, source_labels=None, embedding_size=2, num_classes=None)
+    kw = {"num_examples": rows, "source_labels": None, "embedding_size": 2, "num_classes": None}
     old_embeddings.validate(old, **kw, check_all_rows=False)  # the sampled opt-out misses it
     with pytest.raises(ValueError, match=rf"features.npy row {skipped * chunk + 5} contains NaN"):
         old_embeddings.validate(old, **kw, check_all_rows=True)
@@ -237,7 +238,7 @@ def test_a_command_line_user_error_is_one_line_with_exit_code_2(files, case):
     argv = [a.format(d=files) for a in argv]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     out = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     lines = [s for s in out.stderr.splitlines() if s.strip() and not s.startswith(("I0000", "WARNING: All log"))]
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr

@@ -17,10 +17,11 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from mixbct_jax import checkpoint, config as config_lib, guard, step as step_lib, train
+from mixbct_jax import checkpoint, guard, train
+from mixbct_jax import config as config_lib
+from mixbct_jax import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
