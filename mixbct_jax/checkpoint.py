@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -73,13 +74,68 @@ def save(mngr: ocp.CheckpointManager, step: int, *, state: PyTree, model: PyTree
               force=True)
 
 
-def restore_state(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None) -> tuple[int, PyTree] | None:
-    """Restores the latest (or ``step``) train state into the shardings of ``abstract_state``; None if none saved."""
-    step = mngr.latest_step() if step is None else step
-    if step is None:
+BAD_DIR = "checkpoints_unreadable"
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def restore_state(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None,
+                  log=print) -> tuple[int, PyTree] | None:
+    """Restores the newest readable train state into the shardings of ``abstract_state``; None if none saved.
+
+    A damaged newest checkpoint (a full disk, a torn copy, a node lost mid-write) does not stop the run: the steps
+    are tried from the newest down, each unreadable one is reported with its error and moved aside to
+    ``<workdir>/checkpoints_unreadable/<step>`` (never deleted), and the run resumes from the newest readable one.
+    When no step is readable nothing is moved (that is a config mismatch more often than damage).
+
+    Args:
+      mngr: the run's manager.
+      abstract_state: shapes, dtypes and shardings to restore into.
+      step: restore exactly this step (no fallback).
+      log: where the fallback messages go.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
         return None
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return step, restored["state"]
+    failures: list[tuple[int, str]] = []
+    for candidate in steps:
+        try:
+            restored = mngr.restore(candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as err:  # Orbax/TensorStore raise many types for damaged files: all mean "unreadable"
+            if step is not None:
+                raise
+            failures.append((candidate, _reason(err)))
+            continue
+        if failures:
+            _set_aside(mngr, [s for s, _ in failures], log)
+            for bad, why in failures:
+                log(f"checkpoint step {bad} is unreadable ({why}); moved to {BAD_DIR}/{bad}, resuming from step "
+                    f"{candidate}")
+        return candidate, restored["state"]
+    newest, why = failures[0]
+    raise ValueError(f"no checkpoint in {mngr.directory} can be restored into this run's state (steps "
+                     f"{', '.join(str(s) for s, _ in failures)}; step {newest}: {why}); if the config changed, use a "
+                     f"new --workdir, otherwise move {mngr.directory} aside to start over.")
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], log) -> None:
+    """Moves unreadable step directories out of the manager's view (kept for inspection) and reloads it."""
+    if jax.process_index() == 0:
+        directory = pathlib.Path(mngr.directory)
+        aside = directory.parent / BAD_DIR
+        aside.mkdir(exist_ok=True)
+        for bad in steps:
+            target = aside / str(bad)
+            if target.exists():  # an earlier fallback kept one of the same step
+                target = aside / f"{bad}.{int(time.time())}"
+            os.replace(directory / str(bad), target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("mixbct_checkpoint_set_aside")
+    mngr.reload()
 
 
 def save_model_only(workdir: str | os.PathLike, config: ml_collections.ConfigDict, variables: PyTree,
@@ -127,10 +183,16 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     # Restore onto one local device whatever the saving topology was: without a target Orbax rebuilds the saved
     # shardings, which fails when the devices differ (another device count, or a multi-process run's devices).
     device = jax.local_devices()[0]
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-        mngr.item_metadata(step)["model"])
-    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-    mngr.close()
+    try:
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+            mngr.item_metadata(step)["model"])
+        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+    except Exception as err:  # noqa: BLE001 (Orbax/TensorStore raise many types for a damaged item)
+        others = [s for s in mngr.all_steps() if s != step]
+        raise ValueError(f"{directory}/{step} cannot be read ({_reason(err)}); load another saved step "
+                         f"({others or 'none'}, --step where the command has it) or retrain") from None
+    finally:
+        mngr.close()
     variables = jax.tree.map(np.asarray, restored["model"])
     return config, variables

@@ -20,6 +20,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel = "shard_map"  # or "pmap": the same per-device body under jax.pmap
     c.num_devices = -1  # -1: every device; N: the first N (one process only)
     c.total_steps = -1  # > 0 overrides optim.num_epochs
+    # Fields a resume may change on purpose (comma-separated, "*" for all; mixbct_jax/guard.py, docs/reliability.md).
+    c.resume_allow = ""
+    # Stop after this many consecutive non-finite (skipped) steps, before any further checkpoint is written.
+    c.max_consecutive_nonfinite = 20
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = "r50"  # r18 r34 r50 r100 r200 mbf mbf_large vit_t vit_s vit_b vit_l (models.ARCHS)
@@ -96,6 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.old.prototypes = ""  # class means [C, D] (BCT, UniBCT)
     c.old.advbct_meta = ""  # advbct meta .npz (AdvBCT)
     c.old.workdir = ""  # the old model's run directory (UniBCT refinement, periodic cross evaluation)
+    c.old.finite_check = "full"  # NaN/Inf check of old.features: "full" (every row, streamed) | "sampled"
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
@@ -171,3 +176,115 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         kind = type(out[key])
         out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return out
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the field, the value and the fix."""
+
+
+_CHOICES = {
+    "parallel": ("shard_map", "pmap"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.scenario": ("full", "opclass", "opdata", "exclass", "exdata"),
+    "data.role": ("old", "new"),
+    "head.type": ("arcface", "cosface", "combined", "softmax"),
+    "optim.schedule": ("poly", "step"),
+    "bct.unibct_affinity": ("row", "column"),
+    "old.finite_check": ("full", "sampled"),
+}
+# (field, low, high, low inclusive, high inclusive); None = unbounded.
+_RANGES = (
+    ("model.embedding_size", 1, None, True, None),
+    ("model.input_size", 8, None, True, None),
+    ("model.width", 0, None, False, None),
+    ("data.split_ratio", 0, 1, False, False),
+    ("data.global_batch", 1, None, True, None),
+    ("head.scale", 0, None, False, None),
+    ("head.sample_rate", 0, 1, False, True),
+    ("head.interclass_filtering_threshold", 0, 1, True, True),
+    ("optim.lr", 0, None, False, None),
+    ("optim.momentum", 0, 1, True, False),
+    ("optim.weight_decay", 0, None, True, None),
+    ("optim.clip_norm", 0, None, True, None),
+    ("optim.power", 0, None, True, None),
+    ("bct.mix_ratio", 0, 1, True, True),
+    ("bct.l2_weight", 0, None, True, None),
+    ("bct.l2_threshold", 0, None, True, None),
+    ("bct.influence_weight", 0, None, True, None),
+    ("bct.unibct_lambda", 0, 1, True, False),
+    ("bct.unibct_temperature", 0, None, False, None),
+    ("bct.nccl_queue_size", 1, None, True, None),
+    ("bct.nccl_temperature", 0, None, False, None),
+    ("bct.advbct_threshold", 0, None, True, None),
+    ("bct.advbct_hidden", 1, None, True, None),
+    ("checkpoint.every_steps", 1, None, True, None),
+    ("checkpoint.keep", 1, None, True, None),
+    ("log_every_steps", 1, None, True, None),
+    ("evals.every_steps", 0, None, True, None),
+    ("evals.batch_size", 1, None, True, None),
+    ("max_consecutive_nonfinite", 1, None, True, None),
+)
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for name in dotted.split("."):
+        node = node[name]
+    return node
+
+
+def _interval(low, high, low_in, high_in) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every value the trainer reads before anything is built or compiled.
+
+    Raises:
+      ConfigError: one line, ``config.<field>=<value>: <what is wrong>; <the fix>``.
+    """
+    import math
+
+    from mixbct_jax import bct, models
+
+    def fail(field: str, why: str) -> None:
+        raise ConfigError(f"config.{field}={_get(config, field)!r}: {why}; set --config.{field}=... accordingly")
+
+    for field, choices in _CHOICES.items():
+        if _get(config, field) not in choices:
+            fail(field, f"choose one of {choices}")
+    if config.model.arch not in models.ARCHS:
+        fail("model.arch", f"choose one of {sorted(models.ARCHS)}")
+    if config.bct.method not in bct.METHODS:
+        fail("bct.method", f"choose one of {bct.METHODS}")
+    for field, low, high, low_in, high_in in _RANGES:
+        value = _get(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(field, "must be a finite number")
+        if (value < low or (value == low and not low_in)
+                or (high is not None and (value > high or (value == high and not high_in)))):
+            fail(field, f"must be {_interval(low, high, low_in, high_in)}")
+    for field in ("seed", "total_steps", "num_devices", "model.num_classes"):
+        if isinstance(_get(config, field), bool) or not isinstance(_get(config, field), int):
+            fail(field, "must be an integer")
+    if config.total_steps == 0 or config.total_steps < -1:
+        fail("total_steps", "must be > 0, or -1 to train optim.num_epochs")
+    if config.total_steps == -1 and not config.optim.num_epochs > 0:
+        fail("optim.num_epochs", "must be > 0 when total_steps is -1")
+    if config.num_devices == 0 or config.num_devices < -1:
+        fail("num_devices", "must be >= 1, or -1 for every device")
+    if config.model.num_classes == 0 or config.model.num_classes < -1:
+        fail("model.num_classes", "must be >= 1, or -1 for the training subset's class count")
+    if len(tuple(config.head.margins)) != 3:
+        fail("head.margins", "must be three numbers (m1, m2, m3)")
+    epochs = list(config.optim.decay_epochs)
+    if config.optim.schedule == "step" and (not epochs or epochs != sorted(epochs)):
+        fail("optim.decay_epochs", "must be increasing epochs for the step schedule")
+    if config.num_devices > 0 and config.data.global_batch % config.num_devices:
+        fail("data.global_batch", f"must be divisible by config.num_devices={config.num_devices}")
+    if config.bct.method == "nccl" and config.bct.nccl_queue_size < config.data.global_batch:
+        fail("bct.nccl_queue_size", f"must be >= config.data.global_batch={config.data.global_batch}")
+    if not isinstance(config.resume_allow, str):
+        fail("resume_allow", "must be a comma-separated list of config fields")

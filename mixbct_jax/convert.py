@@ -654,9 +654,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.embedding_size is not None or args.input_size is not None or args.patch_size is not None:
             parser.error("--export reads the embedding, input and patch size from the run's config.json; drop them")
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a directory; --export writes one file, e.g. --out "
+                             f"{os.path.join(args.out, 'backbone.pt')}")
         export_run(args.export, args.out, args.arch, args.step)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    from mixbct_jax import cli
+
+    cli.run(main)

@@ -112,4 +112,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mixbct_jax import cli
+
+    cli.run(main)

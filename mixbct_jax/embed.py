@@ -67,7 +67,31 @@ def make_embedder(config, variables: Any, *, batch_size: int = 256, devices=None
                     embedding_size=config.model.embedding_size, batch_size=batch_size)
 
 
+def check_variables(config, variables: Any, where: str) -> None:
+    """Raises one line when a checkpoint's backbone does not fit the model ``config.json`` describes.
+
+    Without it a checkpoint copied from another run (or a ``config.json`` replaced by hand) fails inside Flax with
+    a shape error that names neither file.
+    """
+    model = models.build_from_config(config.model)
+    x = jax.ShapeDtypeStruct((1, config.model.input_size, config.model.input_size, 3), jnp.float32)
+    expected = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(variables)}
+    if want == have:
+        return
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shape = [k for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+    detail = (f"{shape[0]} is {have[shape[0]]} in the checkpoint but {want[shape[0]]} for the model" if shape else
+              f"{len(missing)} arrays missing (e.g. {missing[:1]}) and {len(extra)} unexpected (e.g. {extra[:1]})")
+    raise ValueError(f"{where}: the checkpoint does not match the model its config.json describes "
+                     f"(model.arch={config.model.arch!r}, embedding_size={config.model.embedding_size}, "
+                     f"width={config.model.get('width', 1.0)}): {detail}; the checkpoint or config.json comes from "
+                     f"another run: point --workdir at the run that wrote both.")
+
+
 def load_embedder(workdir: str | os.PathLike, *, batch_size: int = 256, step: int | None = None) -> Embedder:
     """The backbone of the run in ``workdir`` (latest checkpoint unless ``step``) as an ``Embedder``."""
     config, variables = checkpoint.load_params(workdir, step)
+    check_variables(config, variables, os.fspath(workdir))
     return make_embedder(config, variables, batch_size=batch_size)

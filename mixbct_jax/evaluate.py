@@ -95,6 +95,12 @@ def evaluate(
     rows = [("new", "new")]
     if old_workdir is not None:
         embedders["old"] = _as_embedder(old_workdir, batch_size)
+        sizes = {k: getattr(e, "embedding_size", None) for k, e in embedders.items()}
+        if None not in sizes.values() and sizes["new"] != sizes["old"]:
+            raise ValueError(f"the new model ({_describe(new_workdir)}, D={sizes['new']}) and the old model "
+                             f"({_describe(old_workdir)}, D={sizes['old']}) have different embedding sizes, so new "
+                             f"queries cannot be compared with the old gallery; pass the old model the new one was "
+                             f"trained to be compatible with, or drop --old")
         rows = [("old", "old"), ("new", "new"), ("new", "old")]
 
     results = {
@@ -189,4 +195,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mixbct_jax import cli
+
+    cli.run(main)

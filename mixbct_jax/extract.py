@@ -66,6 +66,7 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
     if flip not in ("none", "random"):
         raise ValueError(f"--flip must be none or random, got {flip!r}")
     config, variables = checkpoint.load_params(workdir, step)
+    embed.check_variables(config, variables, os.fspath(workdir))
     data = data or config.get("data", {}).get("source")
     if not data:
         raise ValueError(f"{workdir}/config.json names no data source; pass --data")
@@ -153,4 +154,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    from mixbct_jax import cli
+
+    cli.run(main)

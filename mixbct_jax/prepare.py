@@ -431,7 +431,7 @@ def _save_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 def _fail(command: str, message: str) -> SystemExit:
-    return SystemExit(f"prepare {command}: error: {message}")
+    return SystemExit(f"prepare {command}: {message}")
 
 
 def _load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
@@ -538,4 +538,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mixbct_jax import cli
+
+    cli.run(main)

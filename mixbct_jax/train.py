@@ -11,7 +11,6 @@ reads top to bottom in phases: setup, data, model and method, state, input, loop
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import sys
@@ -19,15 +18,16 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mixbct_jax import bct, checkpoint, models, optim, step as step_lib
+from mixbct_jax import bct, checkpoint, cli, config as config_lib, guard, models, optim, step as step_lib
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when the loss stops being finite; the last good checkpoint is kept."""
+class NonFiniteLossError(cli.UserError, RuntimeError):
+    """Raised after ``config.max_consecutive_nonfinite`` skipped steps; the last good checkpoint is kept."""
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -68,12 +68,27 @@ def _format_eta(seconds: float) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Runs (or resumes) training in ``workdir``; returns the last logged metrics."""
+    """Runs (or resumes) training in ``workdir``; returns the last logged metrics.
+
+    Before anything is built: every config value is validated, the workdir is locked against a second trainer,
+    and a resume is refused when the config no longer describes the run in the workdir (mixbct_jax/guard.py).
+    """
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = guard.WorkdirLock(workdir, enabled=jax.process_index() == 0)
+    lock.acquire(log=_log)
+    try:
+        changes = guard.check_resume(workdir, config)
+        return _train(config, workdir, changes)
+    finally:
+        lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: dict) -> dict[str, Any]:
     # Imported here: they pull in TensorFlow, which the step and the tests of pure maths do not need.
     from mixbct_jax.data import old_embeddings, pipeline, sources, splits
 
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------------------------------------------- mesh
     devices = jax.devices()
@@ -114,7 +129,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         old_embeddings.validate(old, num_examples=len(subset), source_labels=subset.labels,
                                 # every method compares or mixes old and new embeddings: the sizes must agree
                                 embedding_size=config.model.embedding_size,
-                                num_classes=num_classes)
+                                num_classes=num_classes,
+                                # every row by default (streamed): a NaN row outside a sample poisons training
+                                check_all_rows=config.old.finite_check == "full")
         if "credible" in needs and old.credible is None:
             raise ValueError(f"config.bct.method={config.bct.method!r} needs config.old.credible (python -m "
                              f"mixbct_jax.prepare denoise ...)")
@@ -138,7 +155,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     shardings = par.state_shardings()
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous)
     restored = checkpoint.restore_state(
-        mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
+        mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
+        log=_log)
+    metrics_path = workdir / "metrics.jsonl"
+    if jax.process_index() == 0:  # records after the restored step are logged again: keep each step once
+        guard.truncate_metrics(metrics_path, 0 if restored is None else restored[0])
     if restored is None:
         state = jax.jit(init, out_shardings=shardings)()
         start_step = 0
@@ -147,7 +168,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
              f"{total_steps} steps, {len(devices)} devices ({devices[0].platform}), method {config.bct.method}")
     else:
         start_step, state = restored
-        _log(f"resuming {workdir} at step {start_step}/{total_steps}")
+        if changes and jax.process_index() == 0:
+            checkpoint.write_config(workdir, config)
+            guard.record_resume(workdir, start_step, changes)
+            _log(f"resuming with changed {', '.join(changes)} (recorded in {guard.RESUMES_FILE})")
+        if start_step >= total_steps:
+            _log(f"{workdir} is finished (step {start_step}/{total_steps}); nothing to train")
+        else:
+            _log(f"resuming {workdir} at step {start_step}/{total_steps}")
     state = par.to_device(state)
 
     # --------------------------------------------------------------------------------------------------- input
@@ -164,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # ---------------------------------------------------------------------------------------------------- loop
     periodic = _PeriodicEval(config)
-    metrics_path = workdir / "metrics.jsonl"
+    skips = _SkipCounter(start_step, config.max_consecutive_nonfinite, workdir, mngr)
     last: dict[str, Any] = {}
     device_consts = par.consts_to_device(consts)
     epoch = -1
@@ -182,17 +210,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 device_consts = _host_update(method, epoch, config, workdir, consts, old, subset, par, state,
                                              device_consts)
             state, metrics = par.step(state, device_batch(next(batches)), step_key, device_consts)
+            skips.update(metrics["finite"])  # on device: no host sync per step
             done = step + 1
             if step == start_step:  # throughput and ETA exclude the compilation of the first step
                 jax.block_until_ready(metrics)
                 t0, n0 = time.time(), done
             if done % config.log_every_steps == 0 or done == total_steps:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(last["loss"]) or last["finite"] < 1:
-                    raise NonFiniteLossError(
-                        f"step {done}: the loss is {last['loss']} (non-finite gradients skipped); stopping. The last "
-                        f"good checkpoint (step {mngr.latest_step()}) is kept in {workdir}/checkpoints. Lower "
-                        f"config.optim.lr or check the input data.")
+                last.update(skips.check(done))
                 rate = (done - n0) / max(time.time() - t0, 1e-9)  # steps/s since the first (compiling) step
                 last.update(step=done, epoch=done / steps_per_epoch, img_per_s=rate * config.data.global_batch)
                 _append_jsonl(metrics_path, last)
@@ -200,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 _log(f"step {done}/{total_steps} ep {done / steps_per_epoch:.2f} loss {last['loss']:.4f} "
                      f"lr {last['lr']:.5f} {speed}")
             if done % config.checkpoint.every_steps == 0 or done == total_steps:
-                save(done)
+                if skips.safe_to_save(done, final=done == total_steps, log=_log):
+                    save(done)
             if config.evals.every_steps > 0 and done % config.evals.every_steps == 0 and done < total_steps:
                 record = periodic.evaluate(par.model_variables(state), done)
                 _append_jsonl(metrics_path, record)
@@ -212,6 +238,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     last.update(_final_evals(config, workdir))
     return last
+
+
+@jax.jit
+def _count_skips(counts: dict[str, jax.Array], finite: jax.Array) -> dict[str, jax.Array]:
+    bad = jnp.asarray(finite).reshape(-1)[0] < 1  # pmap metrics carry a device axis
+    steps = counts["steps"] + 1
+    return {"steps": steps, "skipped": counts["skipped"] + bad.astype(jnp.int32),
+            "consecutive": jnp.where(bad, counts["consecutive"] + 1, 0),
+            "last_finite": jnp.where(bad, counts["last_finite"], steps)}
+
+
+class _SkipCounter:
+    """Counts non-finite (skipped) steps on the device; read on the host only when logging or saving.
+
+    The step keeps the old state when its loss or gradients are not finite. The loop must still never checkpoint
+    while such steps are happening (a rerun would resume from a diverging state), and must stop after
+    ``config.max_consecutive_nonfinite`` of them in a row, naming the last finite step and the last good checkpoint.
+    """
+
+    def __init__(self, start_step: int, limit: int, workdir, mngr):
+        self.limit, self.workdir, self.mngr = limit, workdir, mngr
+        start = {"steps": start_step, "skipped": 0, "consecutive": 0, "last_finite": start_step}
+        self.counts = {k: jnp.asarray(v, jnp.int32) for k, v in start.items()}
+
+    def update(self, finite: jax.Array) -> None:
+        self.counts = _count_skips(self.counts, finite)
+
+    def _host(self) -> dict[str, int]:
+        return {k: int(v) for k, v in jax.device_get(self.counts).items()}
+
+    def _error(self, c: dict[str, int], done: int, what: str) -> NonFiniteLossError:
+        latest = self.mngr.latest_step()
+        kept = (f"the last good checkpoint (step {latest}) is kept in {self.workdir}/checkpoints" if latest is not None
+                else "no checkpoint was written, a rerun starts from step 0")
+        return NonFiniteLossError(
+            f"step {done}: {c['consecutive']} consecutive steps had a non-finite loss or gradients and were skipped "
+            f"({c['skipped']} in this process); the last finite step was {c['last_finite']}; {what}; {kept}. Lower "
+            f"config.optim.lr or check the input data, then rerun (add --config.resume_allow=optim.lr to keep the "
+            f"checkpoint).")
+
+    def check(self, done: int) -> dict[str, int]:
+        """At a log step: raises after too many skips in a row; returns the counts for metrics.jsonl."""
+        c = self._host()
+        if c["consecutive"] >= self.limit:
+            raise self._error(c, done, f"stopping after config.max_consecutive_nonfinite={self.limit}")
+        if c["consecutive"]:
+            _log(f"step {done}: {c['consecutive']} consecutive non-finite steps skipped ({c['skipped']} in all)")
+        return {"skipped_steps": c["skipped"], "consecutive_nonfinite": c["consecutive"]}
+
+    def safe_to_save(self, done: int, *, final: bool, log) -> bool:
+        """False (with a message) when the newest step was skipped; raises when the run must stop instead."""
+        c = self._host()
+        if c["consecutive"] >= self.limit or (final and c["consecutive"]):
+            raise self._error(c, done, "the state is not saved")
+        if c["consecutive"]:
+            log(f"step {done}: not checkpointed, the last {c['consecutive']} steps were non-finite (skipped)")
+            return False
+        return True
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
@@ -311,10 +395,25 @@ def _final_evals(config, workdir) -> dict[str, Any]:
     return {"evals": results["protocols"]}
 
 
-def main(argv=None) -> None:
+def _check_config_flag(argv: list[str]) -> None:
+    """A missing ``--config`` file as one line (absl would report it as "Failed loading config file ...")."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if value is not None:
+            path = value.split(":", 1)[0]
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--config {path}: no such config file (configs live in the repository's "
+                                        f"configs/, e.g. --config configs/quickstart.py)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line (``argv`` without the program name; ``sys.argv[1:]`` by default)."""
     from absl import app, flags
     from ml_collections import config_flags
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_config_flag(argv)
     config_flags.DEFINE_config_file("config", None, "A configs/<name>.py[:arg] file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json, metrics.jsonl).")
     flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process run.")
@@ -326,14 +425,27 @@ def main(argv=None) -> None:
         from absl import logging
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
         maybe_initialize_distributed(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
-        try:
-            train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-        except NonFiniteLossError as e:
-            _log(f"error: {e}")
-            sys.exit(1)
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
-    app.run(run, argv=argv)
+    if any(a in ("--help", "--helpshort", "--helpfull", "-h") for a in argv):
+        app.run(run, argv=["mixbct_jax.train", *argv])
+        return
+    # Parsed here rather than by app.run, which prints a bad value or an unknown field as a multi-line report.
+    try:
+        flags.FLAGS(["mixbct_jax.train", *argv])
+    except flags.Error as e:
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+        raise cli.UserError(lines[-1] if len(lines) > 1 else str(e)) from None
+    except AttributeError as e:  # ml_collections: an override of a field that does not exist
+        import re
+        key = (re.findall(r"\w+", str(e)) or ["?"])[0]
+        flag = next((x.split("=", 1)[0] for x in argv if x.startswith("--config.") and
+                     x.split("=", 1)[0].endswith(f".{key}")), f"--config...{key}")
+        hint = re.search(r'Did you mean "[^"]+"', str(e))
+        raise cli.UserError(f"{flag}: {key!r} is not a config field" + (f"; {hint.group(0)}?" if hint else "") +
+                            " (the fields are listed in mixbct_jax/config.py)") from None
+    run(None)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -103,7 +103,7 @@ def test_finished_run_is_not_retrained(straight_run, capsys):
     before = (straight_run / "metrics.jsonl").read_text()
     train.train_and_evaluate(quick(6), straight_run)
     assert (straight_run / "metrics.jsonl").read_text() == before
-    assert "resuming" in capsys.readouterr().err
+    assert "is finished (step 6/6)" in capsys.readouterr().err
 
 
 def test_pmap_mode_trains(tmp_path):
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
     with config.unlocked():
         config.optim.lr = 1e30  # diverges
         config.optim.clip_norm = 0.0
-    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(train.NonFiniteLossError, match="last finite step was"):
         train.train_and_evaluate(config, tmp_path)
 
 

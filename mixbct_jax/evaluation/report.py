@@ -176,13 +176,31 @@ def _plot_bars(name: str, protocol: str, rows: dict[str, dict], path: str) -> No
 # ------------------------------------------------------------------------------------------------ report
 
 
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(training records, periodic-evaluation records) of a run's ``metrics.jsonl``, each step at most once.
+
+    The trainer truncates the file on resume; reading keeps the last record of each (kind, step) anyway, so a file
+    from an older version or a copy with repeated steps reads the same, and a torn last line is skipped.
+    """
+    train, evals = {}, {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or "step" not in record:
+                continue
+            (train if "loss" in record else evals)[record["step"]] = record
+    return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
+
+
 def plot_training_curves(runs: dict[str, str | os.PathLike], path: str | os.PathLike) -> None:
     """Loss and learning rate against step, one line per run, from each run's ``metrics.jsonl``."""
     fig = Figure(figsize=(10, 3.6))
     ax_loss, ax_lr = fig.subplots(1, 2)
     for name, metrics_path in runs.items():
-        with open(metrics_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records, _ = read_metrics(metrics_path)
         steps = [r["step"] for r in records]
         ax_loss.plot(steps, [r["loss"] for r in records], label=name)
         ax_lr.plot(steps, [r["lr"] for r in records], label=name)
@@ -234,6 +252,10 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, str]:
             _plot_bars(name, kind, rows, path)
             md += [f"![{name}]({os.path.basename(path)})", ""]
             written[f"{slug}_compat"] = path
+        single = max((int(m.get("single_kind_folds", 0)) for m in rows.values() if isinstance(m, dict)), default=0)
+        if single:
+            md += [f"**Warning:** {single} of the folds hold only one kind of pair (the .bin's pairs are ordered by "
+                   f"kind); these accuracies are not meaningful.", ""]
         verdict = compatible(kind, rows)
         if verdict is not None:
             md.append(f"Backward compatible (new/old > old/old): **{'yes' if verdict else 'no'}**")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -64,10 +65,15 @@ def load_bin(
     path = os.fspath(path)
     with open(path, "rb") as f:
         try:
-            obj = pickle.load(f)
-        except UnicodeDecodeError:  # a Python 2 pickle: str payloads must stay bytes
-            f.seek(0)
-            obj = pickle.load(f, encoding="bytes")
+            try:
+                obj = pickle.load(f)
+            except UnicodeDecodeError:  # a Python 2 pickle: str payloads must stay bytes
+                f.seek(0)
+                obj = pickle.load(f, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+                IndexError, KeyError) as err:  # what unpickling non-pickle or truncated bytes raises
+            raise ValueError(f"{path} is not a .bin pair set (a pickle of (images, issame)): {type(err).__name__}: "
+                             f"{err}; pass an insightface .bin file such as lfw.bin") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(f"{path}: expected a pickle of (bins, issame_list), got {type(obj).__name__}")
     bins, issame = obj
@@ -183,7 +189,14 @@ def evaluate_pairs(
     dist = np.sum((emb1 - emb2) ** 2, axis=1)  # [P]
     p = dist.shape[0]
     acc, best_thr, val, far = [], [], [], []
-    for test in kfold_indices(p, nfolds):
+    folds = kfold_indices(p, nfolds)
+    single = single_kind_folds(issame, nfolds)
+    if single:
+        warnings.warn(f"{len(single)} of {nfolds} verification folds hold only one kind of pair (folds "
+                      f"{single}): the pairs are ordered by kind, so accuracy is meaningless; interleave matched "
+                      f"and mismatched pairs (LFW's own pairs.txt holds 10 sets of 300 matched + 300 mismatched)",
+                      stacklevel=2)
+    for test in folds:
         train = np.ones(p, dtype=bool)
         train[test] = False
         d_tr, s_tr, d_te, s_te = dist[train], issame[train], dist[test], issame[test]
@@ -219,7 +232,18 @@ def evaluate_pairs(
         "far": float(far.mean()),
         "far_target": far_target,
         "num_pairs": int(p),
+        "single_kind_folds": len(single),
     }
+
+
+def single_kind_folds(issame: np.ndarray, nfolds: int = 10) -> list[int]:
+    """Indices of the contiguous folds whose pairs are all matched or all mismatched.
+
+    Threshold selection on such a fold's complement and accuracy on the fold itself measure nothing: a .bin whose
+    pairs are ordered all-matched then all-mismatched gives accuracy 0 on every fold.
+    """
+    issame = np.asarray(issame, dtype=bool)
+    return [k for k, test in enumerate(kfold_indices(issame.size, nfolds)) if issame[test].all() or not issame[test].any()]
 
 
 # ------------------------------------------------------------------------------------------------ protocol
