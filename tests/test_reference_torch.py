@@ -26,6 +26,7 @@ model gives losses of 50-70 and clipped updates; the JAX float32 step stays with
 
 from __future__ import annotations
 
+import functools
 import random
 
 import jax
@@ -234,6 +235,18 @@ def jax_trainable(state):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def initial_state(method, world, warmup_epochs):
+    """The project's initial train state, as host arrays (computed under jit: op-by-op it takes far longer)."""
+    config = jax_config(method, warmup_epochs)
+    model = models.build("r_tiny", embedding_size=D, input_size=SIZE, width=WIDTH)
+    tx = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, total_steps=STEPS_PER_EPOCH * NUM_EPOCHS,
+                                                                steps_per_epoch=STEPS_PER_EPOCH))
+    init = jax.jit(lambda key: step_lib.init_state(config, model, bct.get(method), tx, key=key, num_classes=C,
+                                                   num_shards=world))
+    return jax.tree.map(np.array, init(jax.random.key(0)))
+
+
 def run_jax(method, world, batches, consts, warmup_epochs):
     config = jax_config(method, warmup_epochs)
     model = models.build("r_tiny", embedding_size=D, input_size=SIZE, width=WIDTH)
@@ -241,8 +254,8 @@ def run_jax(method, world, batches, consts, warmup_epochs):
                                    steps_per_epoch=STEPS_PER_EPOCH)
     tx = optim.make_optimizer(config.optim, schedule)
     module = bct.get(method)
-    state = step_lib.init_state(config, model, module, tx, key=jax.random.key(0), num_classes=C, num_shards=world)
-    initial = jax.tree.map(np.array, state)
+    initial = initial_state(method, world, warmup_epochs)
+    state = jax.tree.map(jax.numpy.asarray, initial)
     body = step_lib.make_body(config, model, module, tx, schedule, num_classes=C, global_batch=N,
                               steps_per_epoch=STEPS_PER_EPOCH, total_steps=STEPS_PER_EPOCH * NUM_EPOCHS)
     par = step_lib.parallelize(body, state, mesh=Mesh(np.array(jax.devices()[:world]), ("data",)), consts=consts)
