@@ -34,7 +34,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from mixbct_jax import bct, config as config_lib, convert, models, optim, step as step_lib
+from mixbct_jax import bct, convert, models, optim
+from mixbct_jax import config as config_lib
+from mixbct_jax import step as step_lib
 from mixbct_jax.heads import sharded_fc
 
 torch = pytest.importorskip("torch")
@@ -235,7 +237,7 @@ def jax_trainable(state):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def initial_state(method, world, warmup_epochs):
     """The project's initial train state, as host arrays (computed under jit: op-by-op it takes far longer)."""
     config = jax_config(method, warmup_epochs)
