@@ -46,14 +46,15 @@ def combined_margin(cosine: jax.Array, target_col: jax.Array, *, scale: float = 
                     m2: float = 0.5, m3: float = 0.0, interclass_filtering_threshold: float = 0.0) -> jax.Array:
     """insightface's CombinedMarginLoss: ArcFace when ``m1 == 1, m3 == 0``, CosFace when ``m3 > 0``.
 
-    With ``interclass_filtering_threshold > 0``, non-target logits above it are zeroed on rows whose target lives
-    in this shard (the reference filters only "positive" rows).
+    With ``interclass_filtering_threshold > 0``, every non-target cosine above it is set to 0 before the margin,
+    on every row, as the reference: its mask starts from ``cosine > threshold`` for all rows and only clears the
+    target column of rows whose target is in this shard, so a row whose target lives on another shard has all its
+    columns here filtered. Which columns a row sees therefore does not depend on how the classes are sharded.
     """
     c = cosine.astype(jnp.float32)
     if interclass_filtering_threshold > 0:
-        mask = _target_mask(c, target_col)
-        positive_row = (target_col >= 0)[:, None]
-        c = jnp.where(positive_row & ~mask & (c > interclass_filtering_threshold), 0.0, c)
+        # A filtered cosine is a constant 0 (no gradient), as the reference's multiplication by a no-grad mask.
+        c = jnp.where(~_target_mask(c, target_col) & (c > interclass_filtering_threshold), 0.0, c)
     if m1 == 1.0 and m3 == 0.0:
         return arcface(c, target_col, scale=scale, margin=m2)
     if m3 > 0:

@@ -117,28 +117,46 @@ distributed_cross_entropy.defvjp(_dist_ce_fwd, _dist_ce_bwd)
 
 
 def sample_centres(key: jax.Array, labels_local_col: jax.Array, *, num_rows: int, num_valid: jax.Array,
-                   num_sample: int) -> tuple[jax.Array, jax.Array]:
-    """PartialFC sampling with static shapes: keep every positive class plus random negatives.
+                   num_keep: jax.Array, num_sample: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PartialFC sampling with static shapes: every positive class plus random negatives, ``num_keep`` in all.
+
+    As the reference, positives get priority 2 and the other real classes a uniform draw; the ``num_keep`` highest
+    are kept, or all positives when they are more. ``num_sample`` (static) bounds that count, so the result has a
+    fixed shape; the columns past the count are returned with ``kept`` False.
 
     Args:
       key: RNG for the negatives.
       labels_local_col: [N] each row's target column in this shard, -1 elsewhere.
       num_rows: centres held by this device (padding included).
       num_valid: how many of them are real classes.
-      num_sample: centres kept (static); must be >= the number of distinct positives, which the caller
-        guarantees by taking at least ``min(N, num_rows)``.
+      num_keep: centres to keep, ``int(sample_rate * num_valid)`` (raised to the positives' count here).
+      num_sample: static size of the result, at least ``max(num_keep, min(N, num_valid))``.
 
     Returns:
-      ``(rows [num_sample] sorted centre rows kept, target_col [N] position of each row's target in them or -1)``.
+      ``(rows [num_sample] sorted centre rows, target_col [N] position of each row's target in them or -1,
+      kept [num_sample] bool, the columns that take part in the softmax)``.
     """
     positive = jnp.zeros((num_rows,), bool).at[jnp.where(labels_local_col >= 0, labels_local_col, num_rows)].set(
         True, mode="drop")
     priority = jnp.where(positive, 2.0, jax.random.uniform(key, (num_rows,)))  # positives first, as the reference
     priority = jnp.where(jnp.arange(num_rows) < num_valid, priority, -1.0)  # never sample padding rows
-    rows = jnp.sort(jax.lax.top_k(priority, num_sample)[1])
+    top = jax.lax.top_k(priority, num_sample)[1]  # [S], by decreasing priority
+    count = jnp.maximum(num_keep, jnp.sum(positive))
+    kept_top = (jnp.arange(num_sample) < count) & (top < num_valid)
+    order = jnp.argsort(top)
+    rows, kept = top[order], kept_top[order]
     pos = jnp.clip(jnp.searchsorted(rows, labels_local_col), 0, num_sample - 1)
     target_col = jnp.where((labels_local_col >= 0) & (rows[pos] == labels_local_col), pos, -1)
-    return rows, target_col
+    return rows, target_col, kept
+
+
+def sample_counts(num_classes: int, rows_local: int, num_shards: int, sample_rate: float) -> list[int]:
+    """Centres each device keeps: ``int(sample_rate * C_d)`` of the ``C_d`` real classes it holds.
+
+    The reference's ``int(rate * num_local)`` on its own class split; computed here in Python (float64, as the
+    reference) from the padded layout, where device ``d`` holds the real rows ``[d * rows_local, C)`` of its block.
+    """
+    return [int(sample_rate * min(max(num_classes - d * rows_local, 0), rows_local)) for d in range(num_shards)]
 
 
 def margin_softmax_loss(embeddings: jax.Array, labels: jax.Array, centres: jax.Array, *, axis_name: str,
@@ -169,11 +187,13 @@ def margin_softmax_loss(embeddings: jax.Array, labels: jax.Array, centres: jax.A
 
     if head.sample_rate < 1.0:
         n = all_emb.shape[0]
-        num_sample = min(rows_local, max(int(head.sample_rate * rows_local), n))
-        rows, target_col = sample_centres(key, target_col, num_rows=rows_local, num_valid=num_valid,
-                                          num_sample=num_sample)
+        counts = sample_counts(num_classes, rows_local, jax.lax.axis_size(axis_name), head.sample_rate)
+        num_keep = jnp.asarray(counts, jnp.int32)[jax.lax.axis_index(axis_name)]
+        # Static bound: the largest count, or every positive of the global batch when they are more.
+        num_sample = min(rows_local, max(max(counts), n))
+        rows, target_col, valid_col = sample_centres(key, target_col, num_rows=rows_local, num_valid=num_valid,
+                                                     num_keep=num_keep, num_sample=num_sample)
         w = centres[rows]  # [S, D]
-        valid_col = rows < num_valid
     else:
         w = centres
         valid_col = jnp.arange(rows_local) < num_valid
