@@ -131,15 +131,69 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
         c.optim.decay_epochs = (20, 26, 32)
 
 
+def configs_dir() -> pathlib.Path:
+    """The folder of the shipped config files: the checkout's ``configs/``, or the installed package's copy."""
+    checkout = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    if (checkout / "quickstart.py").is_file():
+        return checkout
+    try:  # a wheel install: pyproject.toml maps configs/ to the package mixbct_jax.configs
+        from importlib import resources
+
+        return pathlib.Path(str(resources.files("mixbct_jax.configs")))
+    except ModuleNotFoundError:  # pragma: no cover - a broken install
+        return checkout
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs (``quickstart``, ``ms1mv3_r18_old``, ...), usable wherever a path is."""
+    return sorted(p.stem for p in configs_dir().glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """A config file path from a path, or from the name of a shipped config (``quickstart``, ``quickstart.py``).
+
+    Raises:
+      FileNotFoundError: neither an existing file nor a shipped config's name; the message lists the names.
+    """
+    path = pathlib.Path(name_or_path)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1 or path.parent.name == "configs":
+        shipped = configs_dir() / (path.name if path.suffix == ".py" else f"{path.name}.py")
+        if shipped.is_file():
+            return shipped
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; use a path to a "
+                            f"configs/<name>.py file or one of the names {shipped_configs()}")
+
+
+def resolve_argv(argv: list[str], flag: str = "config") -> list[str]:
+    """Rewrites ``--config NAME[:arg]`` in a command line to the shipped config's path, so absl can load it.
+
+    A value that is already a file path is left alone; an unknown name raises the error of :func:`resolve`.
+    """
+    out = list(argv)
+    for i, item in enumerate(out):
+        if item in (f"--{flag}", f"-{flag}") and i + 1 < len(out):
+            j, value, prefix = i + 1, out[i + 1], ""
+        elif item.startswith((f"--{flag}=", f"-{flag}=")):
+            j, (prefix, value) = i, item.split("=", 1)
+            prefix += "="
+        else:
+            continue
+        name, colon, arg = value.partition(":")
+        out[j] = prefix + str(resolve(name)) + colon + arg
+        break
+    return out
+
+
 def load(path: str | os.PathLike, arg: str | None = None,
          overrides: dict[str, object] | None = None) -> ml_collections.ConfigDict:
     """Loads ``get_config(arg)`` from a config file and applies dotted ``overrides`` (``{"optim.lr": 0.05}``).
 
     What ``--config path:arg --config.optim.lr=0.05`` does on the command line, for notebooks, tests and the demo.
+    ``path`` may also name a shipped config (``"quickstart"``).
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist (configs live in the repository's configs/)")
+    path = resolve(path)
     spec = importlib.util.spec_from_file_location(f"mixbct_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -40,8 +40,7 @@ def _stage(name: str, marker: pathlib.Path, fn) -> None:
 def _load_config(arg: str, **overrides):
     from mixbct_jax import config as config_lib
 
-    quickstart = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
-    return config_lib.load(quickstart, arg, overrides)
+    return config_lib.load("quickstart", arg, overrides)
 
 
 def run(out: str | pathlib.Path, *, steps: int = 300) -> dict:

@@ -316,7 +316,10 @@ def main(argv=None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "A configs/<name>.py[:arg] file.", lock_config=True)
+    from mixbct_jax import config as config_lib
+
+    config_flags.DEFINE_config_file("config", None, "A configs/<name>.py[:arg] file, or a shipped config's name "
+                                    "(quickstart[:arg]).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json, metrics.jsonl).")
     flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process run.")
     flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -333,6 +336,11 @@ def main(argv=None) -> None:
             _log(f"error: {e}")
             sys.exit(1)
 
+    try:
+        argv = config_lib.resolve_argv(sys.argv if argv is None else argv)
+    except FileNotFoundError as e:
+        print(f"error: --config: {e}", file=sys.stderr)
+        sys.exit(2)
     app.run(run, argv=argv)
 
 
