@@ -1,4 +1,4 @@
-"""The paper's new models: IResNet-50 trained against an r18 old model with MixBCT or a baseline (SPEC §4, §7.3).
+r"""The paper's new models: IResNet-50 trained against an r18 old model with MixBCT or a baseline (SPEC §4, §7.3).
 
   python -m mixbct_jax.train \
       --config configs/ms1mv3_r18_to_r50.py:method=mixbct,scenario=opclass,old=arc,dim=512 \

@@ -1,4 +1,4 @@
-"""Quickstart: the whole workflow on the embedded synthetic identities, on a laptop CPU in minutes.
+r"""Quickstart: the whole workflow on the embedded synthetic identities, on a laptop CPU in minutes.
 
 Old model (no compatibility term) on the old side of the open-class split (30% of the identities):
 

@@ -8,6 +8,7 @@ once by the trainer and never written back.
 from __future__ import annotations
 
 import importlib.util
+import re
 import os
 import pathlib
 
@@ -16,7 +17,7 @@ import ml_collections
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # initialisation, data order, flips and every random choice of the step
     c.parallel = "shard_map"  # or "pmap": the same per-device body under jax.pmap
     c.num_devices = -1  # -1: every device; N: the first N (one process only)
     c.total_steps = -1  # > 0 overrides optim.num_epochs
@@ -27,8 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = "r50"  # r18 r34 r50 r100 r200 mbf mbf_large vit_t vit_s vit_b vit_l (models.ARCHS)
-    c.model.embedding_size = 512
-    c.model.input_size = 112
+    c.model.embedding_size = 512  # D, the embedding size (old and new models must agree for every method)
+    c.model.input_size = 112  # image side in pixels; the source's images must have it (or add ',size=N')
     c.model.width = 1.0  # stage-width multiplier (tiny test models)
     c.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters
     c.model.patch_size = 0  # ViTs: patch side; 0 = the variant's own (9 on 112x112 -> 144 tokens)
@@ -39,37 +40,37 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "synthetic"  # rec:<prefix> | tfds:<name>[:split] | folder:<dir> | npz:<file> | synthetic[:k=v,..]
     c.data.scenario = "full"  # full | opclass | opdata | exclass | exdata (SPEC §1.6)
     c.data.role = "old"  # which side of the scenario this run trains on: old | new
-    c.data.split_ratio = 0.3
+    c.data.split_ratio = 0.3  # the old side's share of the classes (opclass/exclass) or images (opdata/exdata)
     c.data.global_batch = 1024  # 128 per GPU x 8 in the reference
-    c.data.flip = True
+    c.data.flip = True  # random horizontal flip with p = 0.5 (stateless: a hash of seed, epoch and example)
     c.data.threads = -1  # tf.data parallelism; -1 = AUTOTUNE
 
     c.head = ml_collections.ConfigDict()
     c.head.type = "arcface"  # arcface | cosface | combined | softmax
-    c.head.scale = 64.0
+    c.head.scale = 64.0  # s, the logit scale of the margin heads
     c.head.margins = (1.0, 0.5, 0.0)  # (m1, m2, m3): ArcFace uses m2, CosFace m3
     c.head.sample_rate = 1.0  # PartialFC sampling of the class centres
-    c.head.interclass_filtering_threshold = 0.0
+    c.head.interclass_filtering_threshold = 0.0  # > 0: drop negative logits above this cosine (PartialFC)
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 0.1
-    c.optim.momentum = 0.9
-    c.optim.weight_decay = 5e-4
-    c.optim.clip_norm = 5.0
-    c.optim.num_epochs = 35
+    c.optim.lr = 0.1  # peak learning rate of SGD
+    c.optim.momentum = 0.9  # SGD momentum
+    c.optim.weight_decay = 5e-4  # coupled weight decay (added to the gradient, as torch.optim.SGD)
+    c.optim.clip_norm = 5.0  # global-norm gradient clip of the backbone only (0: off)
+    c.optim.num_epochs = 35  # training length in epochs (total_steps > 0 overrides it)
     c.optim.schedule = "poly"  # poly | step
-    c.optim.power = 2.0
-    c.optim.warmup_epochs = 0.0
+    c.optim.power = 2.0  # exponent of the polynomial decay
+    c.optim.warmup_epochs = 0.0  # linear warm-up; -1 reproduces BCT's off-by-one quirk (docs/methods.md)
     c.optim.decay_epochs = (20, 26, 32)  # for schedule == "step" (UniBCT)
 
     c.bct = ml_collections.ConfigDict()  # docs/methods.md explains every field and each reference quirk
     c.bct.method = "none"  # none | mixbct | l2 | bct | unibct | nccl | advbct
-    c.bct.mix_ratio = 0.3  # MixBCT
+    c.bct.mix_ratio = 0.3  # MixBCT: share of each device's rows replaced by credible old embeddings
     # L2 / weakened L2 (SPEC §4.1): weight x mean hinge of ||n(o) - n(e)|| above the threshold.
-    c.bct.l2_weight = 10.0
+    c.bct.l2_weight = 10.0  # weight of the L2 hinge
     c.bct.l2_threshold = 0.0  # 0: "L2"; 0.2: "weakened L2"
     # BCT / UniBCT influence loss (SPEC §4.2): CE of n(e) . prototypes (no scale, no margin).
-    c.bct.influence_weight = 1.0
+    c.bct.influence_weight = 1.0  # weight of the influence loss
     # UniBCT (SPEC §4.3)
     c.bct.unibct_start_epoch = 10  # influence loss weight 0 before this epoch
     c.bct.unibct_refine_epochs = (10, 20)  # prototype refinement at the start of these epochs
@@ -81,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.bct.nccl_queue_size = 8192  # Q, >= the global batch
     c.bct.nccl_alpha = 1.0  # embedding-level loss weight
     c.bct.nccl_beta = 0.01  # logit-level loss weight
-    c.bct.nccl_temperature = 1.0
+    c.bct.nccl_temperature = 1.0  # softmax temperature of both NCCL losses
     c.bct.nccl_logit_grad = True  # reference: False (its logit loss is built on a non-differentiable gather)
     c.bct.nccl_normalize_logits = True  # cosine of logit vectors; reference: False (raw dot products)
     c.bct.nccl_clamp_logits = False  # reference: True (clamps the x s logits to [-1, 1], an fp16-branch artefact)
@@ -103,16 +104,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.old.finite_check = "full"  # NaN/Inf check of old.features: "full" (every row, streamed) | "sampled"
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 1000
-    c.checkpoint.keep = 3
-    c.checkpoint.asynchronous = True
+    c.checkpoint.every_steps = 1000  # save every N steps (and at the end)
+    c.checkpoint.keep = 3  # how many recent checkpoints to keep
+    c.checkpoint.asynchronous = True  # write checkpoints in the background while training goes on
 
-    c.log_every_steps = 50
+    c.log_every_steps = 50  # progress line and metrics.jsonl record every N steps
     c.evals = ml_collections.ConfigDict()
     c.evals.every_steps = 0  # 0: only at the end when any protocol is set
     c.evals.retrieval = ""  # a source spec whose held-out part is used for retrieval (empty: off)
     c.evals.bin = ""  # comma-separated .bin verification files
-    c.evals.batch_size = 256
+    c.evals.batch_size = 256  # embedding batch size of the evaluations
     return c
 
 
@@ -129,7 +130,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
         raise ValueError(f"method={method!r}: choose one of {METHOD_PRESETS}")
     c.bct.method = "l2" if method == "weakened_l2" else method
     if method in ("l2", "weakened_l2"):
-        c.bct.l2_weight = 10.0
+        c.bct.l2_weight = 10.0  # weight of the L2 hinge
         c.bct.l2_threshold = 0.2 if method == "weakened_l2" else 0.0
     if method == "bct":
         c.optim.warmup_epochs = -1.0
@@ -138,15 +139,69 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
         c.optim.decay_epochs = (20, 26, 32)
 
 
+def configs_dir() -> pathlib.Path:
+    """The folder of the shipped config files: the checkout's ``configs/``, or the installed package's copy."""
+    checkout = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    if (checkout / "quickstart.py").is_file():
+        return checkout
+    try:  # a wheel install: pyproject.toml maps configs/ to the package mixbct_jax.configs
+        from importlib import resources
+
+        return pathlib.Path(str(resources.files("mixbct_jax.configs")))
+    except ModuleNotFoundError:  # pragma: no cover - a broken install
+        return checkout
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs (``quickstart``, ``ms1mv3_r18_old``, ...), usable wherever a path is."""
+    return sorted(p.stem for p in configs_dir().glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """A config file path from a path, or from the name of a shipped config (``quickstart``, ``quickstart.py``).
+
+    Raises:
+      FileNotFoundError: neither an existing file nor a shipped config's name; the message lists the names.
+    """
+    path = pathlib.Path(name_or_path)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1 or path.parent.name == "configs":
+        shipped = configs_dir() / (path.name if path.suffix == ".py" else f"{path.name}.py")
+        if shipped.is_file():
+            return shipped
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; use a path to a "
+                            f"configs/<name>.py file or one of the names {shipped_configs()}")
+
+
+def resolve_argv(argv: list[str], flag: str = "config") -> list[str]:
+    """Rewrites ``--config NAME[:arg]`` in a command line to the shipped config's path, so absl can load it.
+
+    A value that is already a file path is left alone; an unknown name raises the error of :func:`resolve`.
+    """
+    out = list(argv)
+    for i, item in enumerate(out):
+        if item in (f"--{flag}", f"-{flag}") and i + 1 < len(out):
+            j, value, prefix = i + 1, out[i + 1], ""
+        elif item.startswith((f"--{flag}=", f"-{flag}=")):
+            j, (prefix, value) = i, item.split("=", 1)
+            prefix += "="
+        else:
+            continue
+        name, colon, arg = value.partition(":")
+        out[j] = prefix + str(resolve(name)) + colon + arg
+        break
+    return out
+
+
 def load(path: str | os.PathLike, arg: str | None = None,
          overrides: dict[str, object] | None = None) -> ml_collections.ConfigDict:
     """Loads ``get_config(arg)`` from a config file and applies dotted ``overrides`` (``{"optim.lr": 0.05}``).
 
     What ``--config path:arg --config.optim.lr=0.05`` does on the command line, for notebooks, tests and the demo.
+    ``path`` may also name a shipped config (``"quickstart"``).
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist (configs live in the repository's configs/)")
+    path = resolve(path)
     spec = importlib.util.spec_from_file_location(f"mixbct_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -288,3 +343,69 @@ def validate(config: ml_collections.ConfigDict) -> None:
         fail("bct.nccl_queue_size", f"must be >= config.data.global_batch={config.data.global_batch}")
     if not isinstance(config.resume_allow, str):
         fail("resume_allow", "must be a comma-separated list of config fields")
+
+
+_FIELD_LINE = re.compile(r"^\s*c\.([\w.]+)\s*=\s*(.*?)\s*#\s*(.*)$")
+
+
+def field_docs() -> dict[str, str]:
+    """One line of meaning per field, read from the comments of :func:`default_config` (the single place they
+    are written)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    for line in inspect.getsource(default_config).splitlines():
+        match = _FIELD_LINE.match(line)
+        if match and "ConfigDict()" not in match.group(2):
+            docs[match.group(1)] = match.group(3)
+    return docs
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """Every field of ``config`` (sorted) as ``name = value  # meaning``."""
+    docs = field_docs()
+    flat: list[tuple[str, object]] = []
+
+    def walk(node, prefix: str) -> None:
+        for key in node.keys():
+            value = node[key]
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat.append((f"{prefix}{key}", value))
+
+    walk(config, "")
+    width = min(48, max(len(f"{k} = {v!r}") for k, v in flat))
+    return "\n".join(f"{k} = {v!r}".ljust(width) + (f"  # {docs[k]}" if k in docs else "") for k, v in flat)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mixbct_jax.config --show quickstart[:arg]``: a config's arguments, then every field."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mixbct_jax.config",
+        description="Show a config: its file's documentation (the command, its arguments, the data and hardware) "
+                    f"and every field with its value and meaning. Shipped configs: {', '.join(shipped_configs())}.")
+    parser.add_argument("--show", metavar="CONFIG[:ARG]", required=True,
+                        help="a shipped config's name or a configs/<name>.py path, with its argument after ':'")
+    args = parser.parse_args(argv)
+    name, _, arg = args.show.partition(":")
+    try:
+        path = resolve(name)
+        config = load(path, arg or None)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: --show {args.show}: {e}", file=sys.stderr)
+        sys.exit(2)
+    spec = importlib.util.spec_from_file_location(f"mixbct_config_doc_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(f"# {path}{':' + arg if arg else ''}\n")
+    print((module.__doc__ or "").strip() + "\n")
+    print("# Fields (override any with --config.<field>=<value> on the train command line)")
+    print(describe(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,8 @@
 4. evaluate retrieval on identities neither model saw (a synthetic set with another seed): old/old,
    new/new and new/old (new queries against the old gallery), and write reports with plots.
 
-Every stage writes files into ``--out``; a finished stage is skipped when the demo runs again.
+Every stage writes files into ``--out/steps<N>_seed<S>/``: a finished stage is skipped when the demo runs again
+with the same settings, and other settings (``--steps``, ``--seed``) get a folder of their own.
 """
 
 from __future__ import annotations
@@ -40,43 +41,48 @@ def _stage(name: str, marker: pathlib.Path, fn) -> None:
 def _load_config(arg: str, **overrides):
     from mixbct_jax import config as config_lib
 
-    quickstart = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
-    return config_lib.load(quickstart, arg, overrides)
+    return config_lib.load("quickstart", arg, overrides)
 
 
-def run(out: str | pathlib.Path, *, steps: int = 300) -> dict:
-    """Runs (or resumes) every stage under ``out`` and returns the combined retrieval table."""
+def run_dir(out: str | pathlib.Path, *, steps: int = 300, seed: int = 0) -> pathlib.Path:
+    """Where the demo with these settings writes: stages are reused only by a run with the same settings."""
+    return pathlib.Path(out) / f"steps{steps}_seed{seed}"
+
+
+def run(out: str | pathlib.Path, *, steps: int = 300, seed: int = 0) -> dict:
+    """Runs (or resumes) every stage under ``run_dir(out, steps, seed)``; returns the combined retrieval table."""
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
     from mixbct_jax import evaluate, extract, prepare, train
 
-    out = pathlib.Path(out)
+    out = run_dir(out, steps=steps, seed=seed)
+    print(f"[demo] {steps} steps per model, seed {seed}: {out}", file=sys.stderr, flush=True)
     old, emb = out / "old", out / "old" / "emb"
     new_only, mixbct = out / "new_only", out / "new_mixbct"
-    done = lambda run_dir: run_dir / "checkpoints" / str(steps) / "model"  # noqa: E731
+    done = lambda workdir: workdir / "checkpoints" / str(steps) / "model"  # noqa: E731
 
     _stage("1/5 train the old model", done(old),
-           lambda: train.train_and_evaluate(_load_config(f"role=old,steps={steps}"), old))
+           lambda: train.train_and_evaluate(_load_config(f"role=old,steps={steps}", seed=seed), old))
     _stage("2/5 extract old embeddings of the new training set", emb / "features.npy",
            lambda: extract.extract(old, None, emb, role="new", batch_size=128))
     _stage("3/5 denoise (credible mask, keep 90% per class)", emb / "credible.npy",
            lambda: prepare.main(["denoise", "--features", str(emb / "features.npy"), "--labels",
                                  str(emb / "labels.npy"), "--keep", "0.9", "--out", str(emb / "credible.npy")]))
     _stage("4/5 train the new model without compatibility (upper bound)", done(new_only),
-           lambda: train.train_and_evaluate(_load_config(f"role=new,steps={steps}"), new_only))
+           lambda: train.train_and_evaluate(_load_config(f"role=new,steps={steps}", seed=seed), new_only))
     _stage("4/5 train the new model with MixBCT", done(mixbct),
            lambda: train.train_and_evaluate(
-               _load_config(f"role=new,method=mixbct,steps={steps}", **{
+               _load_config(f"role=new,method=mixbct,steps={steps}", seed=seed, **{
                    "old.features": str(emb / "features.npy"), "old.credible": str(emb / "credible.npy"),
                    "old.labels": str(emb / "labels.npy")}), mixbct))
 
     table = {}
-    for name, run_dir in (("new_only", new_only), ("mixbct", mixbct)):
+    for name, workdir in (("new_only", new_only), ("mixbct", mixbct)):
         report_dir = out / "reports" / name
         if not (report_dir / "report.json").exists():
             print(f"[demo] 5/5 evaluate {name} against the old model on held-out identities ...", file=sys.stderr)
-            evaluate.evaluate(run_dir, old, [("retrieval", HELD_OUT)], out_dir=report_dir, batch_size=128)
+            evaluate.evaluate(workdir, old, [("retrieval", HELD_OUT)], out_dir=report_dir, batch_size=128)
         rows = json.loads((report_dir / "report.json").read_text())["protocols"][f"retrieval:{HELD_OUT}"]["rows"]
         table[name] = rows
     report_lib.plot_training_curves({"old": old / "metrics.jsonl", "new_only": new_only / "metrics.jsonl",
@@ -107,8 +113,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m mixbct_jax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_runs", help="where every stage writes (reused on a second run)")
     p.add_argument("--steps", type=int, default=300, help="train steps per model")
+    p.add_argument("--seed", type=int, default=0, help="the runs' seed (initialisation, data order, mixing)")
     a = p.parse_args(argv)
-    return run(a.out, steps=a.steps)
+    if a.steps < 1:
+        p.error(f"--steps must be >= 1, got {a.steps}")
+    return run(a.out, steps=a.steps, seed=a.seed)
 
 
 if __name__ == "__main__":

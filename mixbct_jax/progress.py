@@ -38,6 +38,7 @@ class Progress:
         self.done = 0
         self._start = time.monotonic()
         self._last_print = -float("inf")
+        self._closed = False
 
     def __enter__(self) -> Progress:
         return self
@@ -49,12 +50,15 @@ class Progress:
         """Records `n` more units of work and prints if a second has passed since the last line."""
         self.done += n
         now = time.monotonic()
-        if now - self._last_print >= self.min_interval:
+        # The work's last update is left to close(), whose line says "done in": one line at 100%, not two.
+        if self.done < self.total and now - self._last_print >= self.min_interval:
             self._print(now)
 
     def close(self) -> None:
-        """Prints the final line."""
-        self._print(time.monotonic(), final=True)
+        """Prints the final line (once, however often it is called)."""
+        if not self._closed:
+            self._closed = True
+            self._print(time.monotonic(), final=True)
 
     def _print(self, now: float, final: bool = False) -> None:
         self._last_print = now

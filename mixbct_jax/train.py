@@ -395,26 +395,17 @@ def _final_evals(config, workdir) -> dict[str, Any]:
     return {"evals": results["protocols"]}
 
 
-def _check_config_flag(argv: list[str]) -> None:
-    """A missing ``--config`` file as one line (absl would report it as "Failed loading config file ...")."""
-    for i, arg in enumerate(argv):
-        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
-        if value is not None:
-            path = value.split(":", 1)[0]
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--config {path}: no such config file (configs live in the repository's "
-                                        f"configs/, e.g. --config configs/quickstart.py)")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command line (``argv`` without the program name; ``sys.argv[1:]`` by default)."""
     from absl import app, flags
     from ml_collections import config_flags
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _check_config_flag(argv)
-    config_flags.DEFINE_config_file("config", None, "A configs/<name>.py[:arg] file.", lock_config=True)
+    from mixbct_jax import config as config_lib
+
+    argv = config_lib.resolve_argv(list(sys.argv[1:] if argv is None else argv))  # names -> shipped configs
+    config_flags.DEFINE_config_file("config", None, "A configs/<name>.py[:arg] file, or a shipped config's name "
+                                    "(quickstart[:arg]); `python -m mixbct_jax.config --show NAME` lists its "
+                                    "arguments and fields.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json, metrics.jsonl).")
     flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process run.")
     flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")

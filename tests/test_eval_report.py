@@ -162,3 +162,13 @@ def test_cli_argument_errors(tmp_path):
         evaluate_mod.evaluate(Projection(16, 1), protocols=[("lfw", "x")])
     with pytest.raises(FileNotFoundError, match="no such .bin"):
         evaluate_mod.evaluate(Projection(16, 1), protocols=[("bin", str(tmp_path / "missing.bin"))])
+
+
+@pytest.mark.parametrize("name, short", [
+    ("retrieval:synthetic:num_classes=48,min_images=16,max_images=24,image_size=32,seed=1", "retrieval synthetic"),
+    ("bin:/data/faces/lfw.bin", "bin lfw.bin"),
+    ("retrieval:tfds:cifar100:test,data_dir=/x/tfds,classes=80:100", "retrieval tfds:cifar100:test"),
+    ("ijbc:/data/IJB_release/", "ijbc IJB_release"),
+])
+def test_plot_titles_are_short(name, short):
+    assert report.short_name(name) == short

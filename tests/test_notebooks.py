@@ -70,13 +70,44 @@ def test_committed_notebooks_are_clean(name):
     assert all(not c.outputs and c.execution_count is None for c in code), f"{name}: clear the outputs"
     params = next(c for c in code if "parameters" in c.metadata.get("tags", []))
     assert "SMALL = False" in params.source and "OUT = " in params.source
+    assert 'REPO_URL = ""' in params.source and 'WHEEL = ""' in params.source  # no placeholder URL to clone
+
+
+def install_functions(name: str) -> dict:
+    """The helper functions of a notebook's install cell, defined without running the cell."""
+    import ast
+
+    nb = nbformat.read(COLAB / name, as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "def accelerator" in c.source)
+    tree = ast.parse(cell.source)
+    tree.body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))]
+    namespace: dict = {}
+    exec(compile(tree, name, "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("variable, device, want", [
+    ("TPU_ACCELERATOR_TYPE", None, "tpu"), ("COLAB_TPU_ADDR", None, "tpu"), (None, "/dev/accel0", "tpu"),
+    (None, "/dev/vfio/0", "tpu"), (None, None, "cpu")])
+def test_install_cell_finds_every_colab_accelerator(name, variable, device, want, monkeypatch):
+    fns = install_functions(name)
+    for key in ("COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE", "TPU_NAME", "TPU_WORKER_ID"):
+        monkeypatch.delenv(key, raising=False)
+    if variable:
+        monkeypatch.setenv(variable, "v5litepod-1")
+    real_glob = fns["glob"].glob
+    monkeypatch.setattr(fns["glob"], "glob", lambda pattern: [device] if device and pattern.startswith(
+        device.rstrip("0")) else [] if pattern.startswith("/dev/") else real_glob(pattern))
+    monkeypatch.setattr(fns["shutil"], "which", lambda cmd: None)  # no nvidia-smi on this machine either way
+    assert fns["accelerator"]() == want
 
 
 @pytest.fixture(scope="module")
 def quickstart_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    nb, _ = run_notebook("quickstart.ipynb", dict(SMALL=True, RUN_SYNTHETIC=True, RUN_TFDS=False, STEPS=6,
-                                                  OUT=str(out)))
+    # STEPS keeps its default of 300: SMALL alone must make the runs small.
+    nb, _ = run_notebook("quickstart.ipynb", dict(SMALL=True, RUN_SYNTHETIC=True, RUN_TFDS=False, OUT=str(out)))
     return out, nb
 
 
@@ -99,7 +130,7 @@ def test_evaluate_checkpoints_reuses_quickstart_runs_with_bin_and_ijbc(quickstar
     out, _ = quickstart_out
     bin_path = write_bin(tmp_path / "pairs.bin")
     ijb_root = write_ijbc(tmp_path / "ijb")
-    params = dict(SMALL=True, OUT=str(out), STEPS=6, BIN_PATH=str(bin_path), IJB_ROOT=str(ijb_root or ""))
+    params = dict(SMALL=True, OUT=str(out), BIN_PATH=str(bin_path), IJB_ROOT=str(ijb_root or ""))
     nb, _ = run_notebook("evaluate_checkpoints.ipynb", params)
     reports = out / "synthetic" / "new_mixbct" / "eval_notebook"
     retrieval_rows = rows(reports / "retrieval" / "report.json")[f"retrieval:{HELD_OUT}"]
@@ -114,7 +145,7 @@ def test_evaluate_checkpoints_reuses_quickstart_runs_with_bin_and_ijbc(quickstar
 
 
 def test_evaluate_checkpoints_standalone(tmp_path):
-    nb, _ = run_notebook("evaluate_checkpoints.ipynb", dict(SMALL=True, OUT=str(tmp_path), STEPS=6))
+    nb, _ = run_notebook("evaluate_checkpoints.ipynb", dict(SMALL=True, OUT=str(tmp_path)))
     reports = tmp_path / "synthetic" / "new_mixbct" / "eval_notebook"
     assert (reports / "retrieval" / "report.json").exists()
     assert not (reports / "bin").exists() and not (reports / "ijbc").exists()

@@ -125,13 +125,24 @@ def _save(fig, path: str) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
+def short_name(name: str, limit: int = 40) -> str:
+    """A plot title's name for a protocol entry: ``retrieval:synthetic:num_classes=48,...`` -> ``retrieval
+    synthetic``, ``bin:/data/lfw.bin`` -> ``bin lfw.bin``; the full spec stays in report.md."""
+    kind, _, data = name.partition(":")
+    head = data.split(",")[0]
+    if "=" in head:  # synthetic:k=v: the kind alone
+        head = head.split(":")[0]
+    short = f"{kind} {os.path.basename(head.rstrip('/')) or head}".strip()
+    return short if len(short) <= limit else short[: limit - 1] + "…"
+
+
 def _plot_roc(name: str, rows: dict[str, dict], path: str) -> None:
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
     for r, m in rows.items():
         roc = m["1:1"]["roc"]
         ax.plot(roc["fpr"], roc["tpr"], label=f"{r} (TAR@1e-4 = {100 * m['1:1']['tar_at_far']['1e-04']:.2f}%)")
-    ax.set(xscale="log", xlim=(1e-6, 1), xlabel="FAR", ylabel="TAR", title=f"{name} 1:1 ROC")
+    ax.set(xscale="log", xlim=(1e-6, 1), xlabel="FAR", ylabel="TAR", title=f"{short_name(name)} 1:1 ROC")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     _save(fig, path)
@@ -144,7 +155,7 @@ def _plot_tpir(name: str, rows: dict[str, dict], path: str) -> None:
         color = f"C{i}"
         for style, (g, res) in zip(("-", "--"), ((g, v) for g, v in m["1:N"].items() if "tpir_curve" in v)):
             ax.plot(res["fpir_curve"], res["tpir_curve"], style, color=color, label=f"{r} {g}")
-    ax.set(xscale="log", xlabel="FPIR", ylabel="TPIR", title=f"{name} 1:N TPIR vs FPIR")
+    ax.set(xscale="log", xlabel="FPIR", ylabel="TPIR", title=f"{short_name(name)} 1:N TPIR vs FPIR")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     _save(fig, path)
@@ -163,12 +174,10 @@ def _plot_bars(name: str, protocol: str, rows: dict[str, dict], path: str) -> No
         bars = ax.bar(x + i * width, vals, width, label=r)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
         values += [v for v in vals if v is not None and np.isfinite(v)]
-    if values:  # zoom in: face metrics sit near 100% and differ in the decimals
-        lo, hi = min(values), max(values)
-        pad = max(0.5 * (hi - lo), 0.5)
-        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad) + 0.1 * pad)
+    # From 0, so bar heights compare honestly; the labels on the bars carry the decimals.
+    ax.set_ylim(0.0, min(100.0, 1.12 * max(values)) if values else 100.0)
     ax.set_xticks(x + width * (len(names) - 1) / 2, cols)
-    ax.set(ylabel="%", title=f"{name}: compatibility (new/old vs old/old)")
+    ax.set(ylabel="%", title=f"{short_name(name)}: new/old vs old/old")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save(fig, path)
 

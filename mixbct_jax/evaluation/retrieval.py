@@ -84,6 +84,7 @@ def retrieval_metrics(
     *,
     topk: Sequence[int] = TOPK,
     memory_mb: int = 512,
+    desc: str = "retrieval",
 ) -> dict:
     """Top-k accuracy and mAP of cosine retrieval, computed in query chunks of bounded memory.
 
@@ -118,7 +119,7 @@ def retrieval_metrics(
     chunk = max(1, min(n_q, (memory_mb << 20) // max(32 * n_g, 1)))
     ap = np.empty(n_q, dtype=np.float64)
     best_rank = np.empty(n_q, dtype=np.int64)
-    with Progress(n_q, "retrieval", unit="query") as bar:
+    with Progress(n_q, desc, unit="query") as bar:
         for s in range(0, n_q, chunk):
             e = min(s + chunk, n_q)
             sim = q[s:e] @ g.T  # [c,G]
@@ -206,7 +207,8 @@ def evaluate_retrieval(
     feats = {m: embed_source(source, embedders[m], batch_size=batch_size, desc=f"embed {m}") for m in models}
     return {
         f"{query}/{gallery}": retrieval_metrics(
-            feats[query][q_idx], labels[q_idx], feats[gallery][g_idx], labels[g_idx], topk=topk
+            feats[query][q_idx], labels[q_idx], feats[gallery][g_idx], labels[g_idx], topk=topk,
+            desc=f"retrieval {query}/{gallery}",
         )
         for query, gallery in rows
     }
