@@ -21,10 +21,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel = "shard_map"  # or "pmap": the same per-device body under jax.pmap
     c.num_devices = -1  # -1: every device; N: the first N (one process only)
     c.total_steps = -1  # > 0 overrides optim.num_epochs
-    # Fields a resume may change on purpose (comma-separated, "*" for all; mixbct_jax/guard.py, docs/reliability.md).
-    c.resume_allow = ""
-    # Stop after this many consecutive non-finite (skipped) steps, before any further checkpoint is written.
-    c.max_consecutive_nonfinite = 20
+    c.resume_allow = ""  # fields a resume may change on purpose, comma-separated ("*": all); docs/reliability.md
+    c.max_consecutive_nonfinite = 20  # stop after this many skipped (non-finite) steps in a row, before any save
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = "r50"  # r18 r34 r50 r100 r200 mbf mbf_large vit_t vit_s vit_b vit_l (models.ARCHS)

@@ -26,6 +26,27 @@ from jax.sharding import Mesh
 from mixbct_jax import bct, checkpoint, cli, config as config_lib, guard, models, optim, step as step_lib
 
 
+_HELP = """usage: python -m mixbct_jax.train --config CONFIG[:ARG] --workdir DIR [--config.FIELD=VALUE ...]
+
+Trains (or resumes) one run in DIR: checkpoints, config.json, metrics.jsonl and TensorBoard events.
+
+  --config CONFIG[:ARG]   a configs/<name>.py file or a shipped config's name, with the config's argument
+                          after ':' (e.g. quickstart:role=new,method=mixbct). Shipped: {configs}.
+                          Its arguments, and every field with its meaning:
+                          python -m mixbct_jax.config --show CONFIG
+  --config.FIELD=VALUE    override any field, e.g. --config.optim.lr=0.05 --config.data.global_batch=256
+  --workdir DIR           the run directory; rerunning the same command resumes from its latest checkpoint
+  --coordinator HOST:PORT, --num_processes N, --process_id I
+                          a multi-process run (or the JAX_* variables, or MIXBCT_DISTRIBUTED=auto)
+  --verbose               show the traceback of an error
+  --helpfull              every flag, including absl's and JAX's
+
+Examples:
+  python -m mixbct_jax.train --config quickstart --workdir runs/old
+  python -m mixbct_jax.train --config quickstart:role=new,method=mixbct --workdir runs/new \\
+      --config.old.features=runs/old/emb/features.npy --config.old.credible=runs/old/emb/credible.npy"""
+
+
 class NonFiniteLossError(cli.UserError, RuntimeError):
     """Raised after ``config.max_consecutive_nonfinite`` skipped steps; the last good checkpoint is kept."""
 
@@ -418,8 +439,11 @@ def main(argv: list[str] | None = None) -> None:
         maybe_initialize_distributed(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
-    if any(a in ("--help", "--helpshort", "--helpfull", "-h") for a in argv):
+    if "--helpfull" in argv:  # absl's full listing (every library's flags); it exits 1 by absl's convention
         app.run(run, argv=["mixbct_jax.train", *argv])
+        return
+    if any(a in ("--help", "--helpshort", "-h", "-help") for a in argv):
+        print(_HELP.format(configs=", ".join(config_lib.shipped_configs())))
         return
     # Parsed here rather than by app.run, which prints a bad value or an unknown field as a multi-line report.
     try:
