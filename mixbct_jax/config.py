@@ -107,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.asynchronous = True  # write checkpoints in the background while training goes on
 
     c.log_every_steps = 50  # progress line and metrics.jsonl record every N steps
+    c.tensorboard = True  # also write TensorBoard event files to <workdir>/tensorboard (tensorboardX, no TF)
     c.evals = ml_collections.ConfigDict()
     c.evals.every_steps = 0  # 0: only at the end when any protocol is set
     c.evals.retrieval = ""  # a source spec whose held-out part is used for retrieval (empty: off)

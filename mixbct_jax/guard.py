@@ -33,7 +33,7 @@ LOCK_FILE = ".lock"
 RESUMES_FILE = "resumes.jsonl"
 
 # Fields whose change only alters how a run is observed or laid out on devices (a prefix ends with a dot).
-HARMLESS = ("log_every_steps", "evals.", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.asynchronous",
+HARMLESS = ("log_every_steps", "tensorboard", "evals.", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.asynchronous",
             "num_devices", "parallel", "data.threads", "resume_allow", "max_consecutive_nonfinite",
             "old.finite_check")
 # Fields that change the stored shapes or what the stored state means: never resumed across.

@@ -10,7 +10,6 @@ reads top to bottom in phases: setup, data, model and method, state, input, loop
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
@@ -23,7 +22,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mixbct_jax import bct, checkpoint, cli, config as config_lib, guard, models, optim, step as step_lib
+from mixbct_jax import bct, checkpoint, cli, config as config_lib, guard, metrics_writer, models, optim
+from mixbct_jax import step as step_lib
 
 
 _HELP = """usage: python -m mixbct_jax.train --config CONFIG[:ARG] --workdir DIR [--config.FIELD=VALUE ...]
@@ -213,6 +213,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
 
     # ---------------------------------------------------------------------------------------------------- loop
     periodic = _PeriodicEval(config)
+    writer = metrics_writer.MetricsWriter(workdir, start_step=start_step, enabled=jax.process_index() == 0,
+                                          tensorboard=config.tensorboard)
     skips = _SkipCounter(start_step, config.max_consecutive_nonfinite, workdir, mngr)
     last: dict[str, Any] = {}
     device_consts = par.consts_to_device(consts)
@@ -240,8 +242,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 last.update(skips.check(done))
                 rate = (done - n0) / max(time.time() - t0, 1e-9)  # steps/s since the first (compiling) step
-                last.update(step=done, epoch=done / steps_per_epoch, img_per_s=rate * config.data.global_batch)
-                _append_jsonl(metrics_path, last)
+                last.update(epoch=done / steps_per_epoch, img_per_s=rate * config.data.global_batch)
+                last = writer.write(done, last)
                 speed = f"{last['img_per_s']:.0f} img/s ETA {_format_eta((total_steps - done) / rate)}" if rate else ""
                 _log(f"step {done}/{total_steps} ep {done / steps_per_epoch:.2f} loss {last['loss']:.4f} "
                      f"lr {last['lr']:.5f} {speed}")
@@ -249,15 +251,22 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
                 if skips.safe_to_save(done, final=done == total_steps, log=_log):
                     save(done)
             if config.evals.every_steps > 0 and done % config.evals.every_steps == 0 and done < total_steps:
-                record = periodic.evaluate(par.model_variables(state), done)
-                _append_jsonl(metrics_path, record)
+                record = writer.write(done, periodic.evaluate(par.model_variables(state), done))
                 _log(f"step {done} eval: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
                                                       if k.endswith(("top1", "mAP", "accuracy"))))
     finally:
         mngr.wait_until_finished()
         mngr.close()
 
-    last.update(_final_evals(config, workdir))
+    final = _final_evals(config, workdir)
+    if final and start_step < total_steps:  # the headline numbers of the final evaluation, in TensorBoard too
+        from mixbct_jax.evaluation import report
+
+        writer.write(total_steps, {"final": {
+            report.short_name(name): {row: report.headline(p["protocol"], m)[0] for row, m in p["rows"].items()}
+            for name, p in final["evals"].items()}})
+    writer.close()
+    last.update(final)
     return last
 
 
@@ -317,12 +326,6 @@ class _SkipCounter:
             log(f"step {done}: not checkpointed, the last {c['consecutive']} steps were non-finite (skipped)")
             return False
         return True
-
-
-def _append_jsonl(path: pathlib.Path, record: dict) -> None:
-    if jax.process_index() == 0:
-        with open(path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _load_consts(names: tuple[str, ...], old, abstract, config) -> dict[str, np.ndarray]:

@@ -53,6 +53,10 @@ def test_quickstart_trains_and_writes_run_directory(straight_run):
     config = checkpoint.read_config(straight_run)
     assert config.model.arch == "r_tiny" and config.total_steps == 6
     assert sorted(int(p.name) for p in (straight_run / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    from test_metrics_writer import scalars
+
+    tb = scalars(straight_run / "tensorboard")  # the same numbers for TensorBoard
+    assert tb["loss"] == pytest.approx({r["step"]: r["loss"] for r in records}, rel=1e-6)
 
 
 def metrics(workdir):
