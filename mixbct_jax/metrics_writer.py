@@ -13,10 +13,17 @@ import json
 import math
 import os
 import pathlib
+import re
 import time
 from typing import Any
 
 TENSORBOARD_DIR = "tensorboard"
+_TAG_CHARS = re.compile(r"[^A-Za-z0-9_./:-]+")
+
+
+def tag_name(key: str) -> str:
+    """A TensorBoard tag for a record key: ``'mAP %'`` -> ``'mAP'``, other spaces and symbols -> ``_``."""
+    return _TAG_CHARS.sub("_", key.replace(" %", "").strip())
 
 
 def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -25,7 +32,7 @@ def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     for key, value in record.items():
         if key in ("step", "time"):
             continue
-        tag = f"{prefix}{key}"
+        tag = f"{prefix}{tag_name(str(key))}"
         if isinstance(value, dict):
             out.update(_scalars(value, f"{tag}/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -44,7 +44,7 @@ def test_records_reach_both_sinks_with_wall_clock_time(tmp_path):
     assert [r["step"] for r in records] == [2, 4, 4] and all(r["time"] > 1.7e9 for r in records)
     tb = scalars(tmp_path / "tensorboard")
     assert tb["loss"] == {2: 3.5, 4: 2.5} and tb["lr"][4] == pytest.approx(0.05)  # stored as float32
-    assert tb["eval/new/old/mAP"] == {4: 0.25} and tb["final/retrieval synthetic/new/old/mAP %"] == {4: 25.0}
+    assert tb["eval/new/old/mAP"] == {4: 0.25} and tb["final/retrieval_synthetic/new/old/mAP"] == {4: 25.0}
     assert "note" not in tb and "nan" not in tb and "time" not in tb and "step" not in tb
 
 
