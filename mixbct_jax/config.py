@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.split_ratio = 0.3
     c.data.global_batch = 1024  # 128 per GPU x 8 in the reference
     c.data.flip = True
-    c.data.threads = -1  # tf.data parallelism; -1 = AUTOTUNE
+    c.data.threads = -1  # input worker processes (Grain); 0 = decode in the trainer; -1 = auto (docs/data.md)
 
     c.head = ml_collections.ConfigDict()
     c.head.type = "arcface"  # arcface | cosface | combined | softmax

@@ -69,7 +69,7 @@ def _format_eta(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Runs (or resumes) training in ``workdir``; returns the last logged metrics."""
-    # Imported here: they pull in TensorFlow, which the step and the tests of pure maths do not need.
+    # Imported here: the input pipeline (Grain, decoders) is not needed by the step and the tests of pure maths.
     from mixbct_jax.data import old_embeddings, pipeline, sources, splits
 
     workdir = pathlib.Path(workdir)
@@ -138,6 +138,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     par = step_lib.parallelize(body, abstract, mesh=mesh, mode=config.parallel, consts=consts)
     shardings = par.state_shardings()
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous)
+
+    def data_state(step: int) -> dict[str, Any]:
+        return pipeline.data_state(
+            step=step, seed=config.seed, global_batch=config.data.global_batch, num_examples=len(subset),
+            flip=config.data.flip, process_count=jax.process_count(), source=config.data.source,
+            subset=f"{config.data.scenario}/{config.data.role}/{config.data.split_ratio}")
     restored = checkpoint.restore_state(
         mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
     if restored is None:
@@ -148,6 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
              f"{total_steps} steps, {len(devices)} devices ({devices[0].platform}), method {config.bct.method}")
     else:
         start_step, state = restored
+        pipeline.check_resume(checkpoint.restore_data(mngr, start_step), data_state(start_step))
         _log(f"resuming {workdir} at step {start_step}/{total_steps}")
     state = par.to_device(state)
 
@@ -174,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     def save(step: int) -> None:
         host_state = par.from_device(state) if config.parallel == "pmap" else state
         checkpoint.save(mngr, step, state=host_state,
-                        model=checkpoint.model_variables(host_state["params"]["backbone"], host_state["batch_stats"]))
+                        model=checkpoint.model_variables(host_state["params"]["backbone"], host_state["batch_stats"]),
+                        data=data_state(step))
 
     try:
         for step in range(start_step, total_steps):
@@ -208,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 _log(f"step {done} eval: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
                                                       if k.endswith(("top1", "mAP", "accuracy"))))
     finally:
+        batches.close()  # stops the input worker processes
         mngr.wait_until_finished()
         mngr.close()
 
