@@ -132,7 +132,7 @@ def rec_jpeg(tmp_path_factory):
 
 
 def test_jpeg_batches_are_bit_identical_to_a_numpy_opencv_reference(rec_jpeg):
-    prefix, encoded, labels = rec_jpeg
+    prefix, encoded, _ = rec_jpeg
     source = sources.open_source(f"rec:{prefix}")
     subset = splits.class_split(source.labels, 0.5)[1]
     gb, seed = 8, 11
@@ -152,7 +152,7 @@ def test_worker_processes_give_the_same_batches_and_resume(rec_jpeg):
     prefix, _, _ = rec_jpeg
     source = sources.open_source(f"rec:{prefix},classes=1:6")  # a ClassRangeSource over a RecSource
     pickle.loads(pickle.dumps(source)).read([0])  # reopens the file
-    kwargs = dict(global_batch=6, seed=1, process_index=1, process_count=2)
+    kwargs = {"global_batch": 6, "seed": 1, "process_index": 1, "process_count": 2}
     inline = _take(pipeline.train_batches(source, None, threads=0, **kwargs), 7)
     workers = _take(pipeline.train_batches(source, None, threads=2, start_step=3, **kwargs), 4)
     for a, b in zip(inline[3:], workers):

@@ -205,3 +205,27 @@ def test_classes_option_restricts_any_source_and_relabels():
         open_source("synthetic:num_classes=10,classes=5")
     with pytest.raises(ValueError, match="no example"):
         open_source("synthetic:num_classes=10,classes=50:60")
+
+
+@pytest.mark.parametrize("label, why", [(-3, "is negative"), (2.5, "is not a whole number"),
+                                        (np.nan, "is not a finite number"), (1e9, "is >= the number of classes")])
+def test_npz_bad_label_names_file_and_row(tmp_path, label, why):
+    labels = np.array([0, 1, label, 1], np.float64)
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 5, 5), np.uint8), label=labels)
+    with pytest.raises(ValueError, match=rf"bad\.npz 'label': example 2: label .* {why}"):
+        sources.open_source(f"npz:{tmp_path / 'bad.npz'}")
+
+
+def test_decode_rgb_matches_opencv_on_omniglot_jpegs(omniglot_dir):
+    """simplejpeg (accurate IDCT, fancy upsampling) gives OpenCV's pixels, grey and colour, 4:2:0 and 4:4:4."""
+    with np.load(omniglot_dir / "omniglot_small_28.npz") as z:
+        strokes = z["images"][:40]
+    rng = np.random.default_rng(0)
+    for k, grey in enumerate(strokes):
+        image = cv2.resize(grey, (56, 56), interpolation=cv2.INTER_LINEAR)
+        colour = np.stack([image, 255 - image, rng.integers(0, 256, image.shape, dtype=np.uint8)], axis=-1)
+        sampling = [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444] if k % 2 else []
+        for array in (image, colour):
+            data = cv2.imencode(".jpg", array, [cv2.IMWRITE_JPEG_QUALITY, 60 + k] + sampling)[1].tobytes()
+            reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+            np.testing.assert_array_equal(sources.decode_rgb(data, "x"), reference)

@@ -537,7 +537,7 @@ class RecFile:
             if np.any(bad):
                 j = int(np.argmax(bad))
                 raise RecordIOError(
-                    f"{self.reader.rec_path}: record key {self.key(j)} (example {j}): label {raw[j]!r} {why}; "
+                    f"{self.reader.rec_path}: record key {self.key(j)} (example {j}): label {float(raw[j])!r} {why}; "
                     f"{int(bad.sum())} example(s) are affected. Labels must be class ids 0..C-1: rebuild the .rec "
                     "with correct labels")
         return raw.astype(np.int32)

@@ -160,8 +160,8 @@ def check_labels(values: np.ndarray, what: str, where=None, num_classes: int | N
         if np.any(bad):
             j = int(np.argmax(bad))
             at = where(j) if where else f"example {j}"
-            raise ValueError(f"{what}: {at}: label {raw[j]!r} {why} ({int(bad.sum())} example(s) affected); labels "
-                             "must be class ids 0..C-1: fix the data")
+            raise ValueError(f"{what}: {at}: label {float(raw[j])!r} {why} ({int(bad.sum())} example(s) "
+                             "affected); labels must be class ids 0..C-1: fix the data")
     return raw.astype(np.int32)
 
 
@@ -356,8 +356,8 @@ class TfdsSource:
                 f"access (and reading without TensorFlow) needs array_record: rebuild it with `tfds build {dataset} "
                 f"--file_format=array_record --data_dir={builder._data_dir_root}`"
             )
-        opened = dict(split=split, data_dir=data_dir, download=False,
-                      builder_kwargs={"file_format": "array_record"})
+        opened = {"split": split, "data_dir": data_dir, "download": False,
+                  "builder_kwargs": {"file_format": "array_record"}}
         try:
             self._decoded = tfds.data_source(dataset, **opened)
             self._raw = tfds.data_source(dataset, decoders={image_key: tfds.decode.SkipDecoding()}, **opened)
