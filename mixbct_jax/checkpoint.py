@@ -127,7 +127,8 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     # only), so the manager must not wait at barriers for the others.
     local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
-    handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler()}
+    handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                            multiprocessing_options=local)
     with _quiet_absl():  # Orbax warns that a read-only manager is read-only

@@ -21,6 +21,7 @@ Images stay uint8; the [-1, 1] normalisation happens on the device.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import threading
 import weakref
@@ -215,11 +216,17 @@ def _run(reader: _BatchReader, start: int, stop: int, workers: int) -> Iterator[
             for batch in it:
                 if _ERROR in batch:
                     raise BadInputError(str(batch[_ERROR]))
-                yield batch
+                # Plain arrays: a worker's batch arrives in shared memory, released as soon as it is copied here
+                # (a few ms per batch), not whenever the consumer drops it (or never, at interpreter exit).
+                plain = {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
+                del batch
+                yield plain
         finally:
             close = getattr(it, "close", None)
             if close is not None:
                 close()  # stops the worker processes now, not at some later garbage collection
+            del it
+            gc.collect()  # Grain's iterator holds its last shared-memory batch in a cycle: release it now
 
     gen = batches()
     with _LIVE_LOCK:
@@ -284,7 +291,7 @@ def eval_batches(
     pad_last: bool = False,
     process_index: int = 0,
     process_count: int = 1,
-    threads: int | None = 0,
+    threads: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of the subset exactly once, in order (for feature extraction).
 
@@ -302,7 +309,7 @@ def eval_batches(
       pad_last: pad the last batch to full size.
       process_index: this process's rank.
       process_count: number of processes.
-      threads: decoding worker processes (0, the default: in this process; None or < 0: automatic).
+      threads: decoding worker processes (0: in this process; None or < 0: automatic, as for training).
 
     Yields:
       dicts with ``image`` uint8 [b, H, W, 3], ``label`` int32 [b], ``index`` int32 [b] (subset row),
