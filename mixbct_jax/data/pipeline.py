@@ -153,31 +153,32 @@ class _BatchReader:
         self.shape = tuple(source.image_shape)
         self.encoded = len(source) > 0 and source.read_encoded(0) is not None
 
-    def _images(self, rows: np.ndarray) -> np.ndarray:
+    def _images(self, rows: np.ndarray, flips: np.ndarray) -> np.ndarray:
         if not self.encoded:
-            return self.source.read(rows)
+            images = self.source.read(rows)
+            return np.where(flips[:, None, None, None], images[:, :, ::-1], images)
         out = np.empty((rows.size, *self.shape), np.uint8)
         for j, i in enumerate(rows.tolist()):
-            where = self.source.where(i)
-            image = decode_rgb(self.source.read_encoded(i), where)
+            image = decode_rgb(self.source.read_encoded(i), self.source.where(i), out=out[j])  # JPEG: in place
             if image.shape != self.shape:
-                raise BadInputError(f"{where}: the image decodes to shape {image.shape}, but the source serves "
-                                    f"{self.shape}; images of one source must share a size (add ',size=N' to the "
-                                    "spec to resize)")
-            out[j] = image
+                raise BadInputError(f"{self.source.where(i)}: the image decodes to shape {image.shape}, but the "
+                                    f"source serves {self.shape}; images of one source must share a size (add "
+                                    "',size=N' to the spec to resize)")
+            if flips[j]:
+                out[j] = image[:, ::-1]  # numpy buffers the overlapping in-place copy
+            elif not np.shares_memory(image, out[j]):  # not decoded in place (PNG, BMP)
+                out[j] = image
         return out
 
     def __call__(self, step: int) -> dict[str, Any]:
         batch = self.plan(step)
         rows = batch.pop("read", batch["source_index"])
         try:
-            images = self._images(rows)
+            batch["image"] = self._images(rows, batch.pop("flip"))
         except ValueError as e:  # decode errors, wrong sizes, corrupt records: raised in the main process
             return {_ERROR: str(e)}
         except OSError as e:  # a file vanished or cannot be read
             return {_ERROR: f"{type(e).__name__}: {e}"}
-        flips = batch.pop("flip")
-        batch["image"] = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
         return batch
 
 
@@ -216,11 +217,9 @@ def _run(reader: _BatchReader, start: int, stop: int, workers: int) -> Iterator[
             for batch in it:
                 if _ERROR in batch:
                     raise BadInputError(str(batch[_ERROR]))
-                # Plain arrays: a worker's batch arrives in shared memory, released as soon as it is copied here
-                # (a few ms per batch), not whenever the consumer drops it (or never, at interpreter exit).
-                plain = {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
-                del batch
-                yield plain
+                # A worker's arrays arrive in shared memory (Grain's ndarray subclass, unlinked when dropped):
+                # hand out plain ndarray views of them, no copy.
+                yield {k: v if type(v) is np.ndarray else np.asarray(v).view(np.ndarray) for k, v in batch.items()}
         finally:
             close = getattr(it, "close", None)
             if close is not None:

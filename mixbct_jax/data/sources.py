@@ -107,11 +107,17 @@ def _to_rgb(images: np.ndarray, what: str) -> np.ndarray:
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def decode_rgb(data: bytes, what: str) -> np.ndarray:
+def decode_rgb(data: bytes, what: str, out: np.ndarray | None = None) -> np.ndarray:
     """Decodes JPEG/PNG/BMP bytes to uint8 [H, W, 3] RGB, pixel for pixel as OpenCV (``mx.image.imdecode``).
 
     JPEG: simplejpeg (libjpeg-turbo, ISLOW IDCT, fancy upsampling: OpenCV's settings), strict, so a truncated or
     corrupt file is an error instead of a grey-filled image. Other formats: OpenCV. EXIF orientation is ignored.
+
+    Args:
+      data: the encoded bytes.
+      what: names the image in error messages (file, record key).
+      out: optional contiguous uint8 [H, W, 3] buffer: a JPEG of exactly that size is decoded into it (no copy);
+        the returned array is then ``out``. Anything else is decoded as without it (check the returned shape).
 
     Raises:
       ValueError: the bytes are not a decodable image; the message starts with ``what``.
@@ -120,6 +126,9 @@ def decode_rgb(data: bytes, what: str) -> np.ndarray:
         import simplejpeg
 
         try:
+            if out is not None and simplejpeg.decode_jpeg_header(data)[:2] == out.shape[:2]:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
+                                              strict=True, buffer=out)
             image = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
         except ValueError as e:
             raise ValueError(f"{what}: cannot decode the JPEG ({len(data)} bytes): {e}; the file is corrupt or "
