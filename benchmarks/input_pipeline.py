@@ -120,8 +120,13 @@ def main() -> None:
             "simplejpeg": lambda b: simplejpeg.decode_jpeg(b, "RGB", fastdct=False, fastupsample=False),
             "cv2": lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1],
         }
-        for name, decode in loops.items():
-            rows.append((f"plain loop, {name}, 1 thread", *time_loop(decode, encoded)))
+        best: dict[str, tuple[float, float]] = {}
+        for _ in range(3):  # interleaved rounds, best kept: the decoders see the same machine load
+            for name, decode in loops.items():
+                rate, per_cpu = time_loop(decode, encoded)
+                best[name] = max(best.get(name, (0.0, 0.0)), (rate, per_cpu), key=lambda r: r[1])
+        for name, (rate, per_cpu) in best.items():
+            rows.append((f"plain loop, {name} decode + flip, 1 thread (the bound)", rate, per_cpu))
             print(rows[-1])
         kwargs = {"global_batch": args.batch, "seed": 0}
         for workers in args.workers:
