@@ -154,11 +154,35 @@ def tfds_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     builder = MixbctTinyFaces(data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return data_dir, builder
+    return data_dir, builder, MixbctTinyFaces
+
+
+def test_tfds_prepared_as_tfrecord_is_refused_with_the_build_command(tfds_dir, tmp_path):
+    import tensorflow_datasets as tfds
+
+    builder = tfds_dir[2](data_dir=str(tmp_path), file_format="tfrecord")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with pytest.raises(ValueError, match=r"stored as tfrecord.*`tfds build mixbct_tiny_faces --file_format=array_record"):
+        sources.open_source(f"tfds:mixbct_tiny_faces,data_dir={tmp_path}")
+
+
+def test_tfds_source_reads_without_tensorflow(tfds_dir):
+    """In a fresh interpreter: open, read and batch the array_record set; TensorFlow is never imported."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from mixbct_jax.data import pipeline, sources\n"
+            f"s = sources.open_source('tfds:mixbct_tiny_faces:train,data_dir={tfds_dir[0]}')\n"
+            f"b = next(pipeline.train_batches(s, None, global_batch=4, seed=0, threads=0))\n"
+            f"assert b['image'].shape == (4, 6, 6, 3), b['image'].shape\n"
+            f"print('TF', sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TF []" in result.stdout, result.stdout
 
 
 def test_tfds_source(tfds_dir):
-    data_dir, builder = tfds_dir
+    data_dir, builder, _ = tfds_dir
     # Opened by name from the data_dir alone: the builder class is not registered.
     src = sources.open_source(f"tfds:mixbct_tiny_faces:train,data_dir={data_dir}")
     reference = builder.as_data_source("train")

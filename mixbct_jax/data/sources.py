@@ -363,7 +363,7 @@ class TfdsSource:
             raise ValueError(
                 f"{name}: TFDS data set {dataset!r} in {builder.data_dir} is stored as {file_format}, but random "
                 f"access (and reading without TensorFlow) needs array_record: rebuild it with `tfds build {dataset} "
-                f"--file_format=array_record --data_dir={builder._data_dir_root}`"
+                f"--file_format=array_record --data_dir={data_dir or '<your data_dir>'}`"
             )
         opened = {"split": split, "data_dir": data_dir, "download": False,
                   "builder_kwargs": {"file_format": "array_record"}}
