@@ -162,7 +162,8 @@ def test_tfds_prepared_as_tfrecord_is_refused_with_the_build_command(tfds_dir, t
 
     builder = tfds_dir[2](data_dir=str(tmp_path), file_format="tfrecord")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    with pytest.raises(ValueError, match=r"stored as tfrecord.*`tfds build mixbct_tiny_faces --file_format=array_record"):
+    message = r"stored as tfrecord.*`tfds build mixbct_tiny_faces --file_format=array_record"
+    with pytest.raises(ValueError, match=message):
         sources.open_source(f"tfds:mixbct_tiny_faces,data_dir={tmp_path}")
 
 
