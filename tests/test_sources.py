@@ -133,8 +133,14 @@ def test_npz_omniglot(omniglot_dir):
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    """A tiny TFDS data set prepared as array_record in a temporary data_dir (no download)."""
+    """A tiny TFDS data set prepared as array_record in a temporary data_dir (no download).
+
+    Writing a TFDS data set needs TensorFlow (TFDS serialises examples with it); reading one does not, which
+    test_tfds_source_reads_without_tensorflow checks in a fresh interpreter. Without TensorFlow installed (the
+    ``[tf]`` extra) these tests are skipped: there is no way to prepare the fixture.
+    """
     tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow", reason="preparing a TFDS data set needs TensorFlow (pip install -e '.[tf]')")
 
     class MixbctTinyFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
