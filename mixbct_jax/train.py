@@ -144,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             step=step, seed=config.seed, global_batch=config.data.global_batch, num_examples=len(subset),
             flip=config.data.flip, process_count=jax.process_count(), source=config.data.source,
             subset=f"{config.data.scenario}/{config.data.role}/{config.data.split_ratio}")
+
     restored = checkpoint.restore_state(
         mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
     if restored is None:
