@@ -152,12 +152,9 @@ class _BatchReader:
         self.source, self.plan = source, plan
         self.shape = tuple(source.image_shape)
         self.encoded = len(source) > 0 and source.read_encoded(0) is not None
+        self.shared = False  # set when the reader runs in worker processes (see _run)
 
-    def _images(self, rows: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        if not self.encoded:
-            images = self.source.read(rows)
-            return np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-        out = np.empty((rows.size, *self.shape), np.uint8)
+    def _images(self, rows: np.ndarray, flips: np.ndarray, out: np.ndarray) -> np.ndarray:
         for j, i in enumerate(rows.tolist()):
             image = decode_rgb(self.source.read_encoded(i), self.source.where(i), out=out[j])  # JPEG: in place
             if image.shape != self.shape:
@@ -172,13 +169,25 @@ class _BatchReader:
 
     def __call__(self, step: int) -> dict[str, Any]:
         batch = self.plan(step)
-        rows = batch.pop("read", batch["source_index"])
+        rows, flips = batch.pop("read", batch["source_index"]), batch.pop("flip")
+        if not self.encoded:
+            images = self.source.read(rows)
+            batch["image"] = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+            return batch
+        shape = (rows.size, *self.shape)
+        if self.shared:  # decode straight into shared memory: Grain then sends it to the trainer without a copy
+            import grain
+
+            out = grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
+        else:
+            out = np.empty(shape, np.uint8)
         try:
-            batch["image"] = self._images(rows, batch.pop("flip"))
-        except ValueError as e:  # decode errors, wrong sizes, corrupt records: raised in the main process
-            return {_ERROR: str(e)}
-        except OSError as e:  # a file vanished or cannot be read
-            return {_ERROR: f"{type(e).__name__}: {e}"}
+            batch["image"] = self._images(rows, flips, out)
+        except (ValueError, OSError) as e:  # decode errors, wrong sizes, corrupt or vanished files
+            if self.shared:
+                out.unlink_on_del()  # never sent: this process frees the segment
+            del out
+            return {_ERROR: str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"}
         return batch
 
 
@@ -201,9 +210,13 @@ def _close_live() -> None:
 def _run(reader: _BatchReader, start: int, stop: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
     import grain
 
+    reader.shared = workers > 0
     dataset = grain.MapDataset.range(start, stop).map(reader)
-    # One prefetch thread per process overlaps reading with the consumer; decoding releases the GIL.
-    it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    # In-process: one prefetch thread overlaps decoding (which releases the GIL) with the consumer. Workers run
+    # ahead by themselves (per_worker_buffer_size), and must not hold shared-memory batches in a private buffer
+    # that Grain would not free at shutdown.
+    threads = 0 if workers > 0 else 1
+    it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
     if workers > 0:
         from absl import flags
 
