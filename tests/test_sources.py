@@ -260,3 +260,7 @@ def test_decode_rgb_matches_opencv_on_omniglot_jpegs(omniglot_dir):
             data = cv2.imencode(".jpg", array, [cv2.IMWRITE_JPEG_QUALITY, 60 + k] + sampling)[1].tobytes()
             reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
             np.testing.assert_array_equal(sources.decode_rgb(data, "x"), reference)
+            np.testing.assert_array_equal(sources.decode_rgb(data, "x", flip=True), reference[:, ::-1])
+            png = cv2.imencode(".png", array)[1].tobytes()
+            flipped = sources.decode_rgb(png, "x", flip=True)
+            np.testing.assert_array_equal(flipped, sources.decode_rgb(png, "x")[:, ::-1])

@@ -156,14 +156,13 @@ class _BatchReader:
 
     def _images(self, rows: np.ndarray, flips: np.ndarray, out: np.ndarray) -> np.ndarray:
         for j, i in enumerate(rows.tolist()):
-            image = decode_rgb(self.source.read_encoded(i), self.source.where(i), out=out[j])  # JPEG: in place
+            # An unflipped JPEG is decoded in place; a flipped one comes back as a fast-to-copy reversed view.
+            image = decode_rgb(self.source.read_encoded(i), self.source.where(i), out=out[j], flip=bool(flips[j]))
             if image.shape != self.shape:
                 raise BadInputError(f"{self.source.where(i)}: the image decodes to shape {image.shape}, but the "
                                     f"source serves {self.shape}; images of one source must share a size (add "
                                     "',size=N' to the spec to resize)")
-            if flips[j]:
-                out[j] = image[:, ::-1]  # numpy buffers the overlapping in-place copy
-            elif not np.shares_memory(image, out[j]):  # not decoded in place (PNG, BMP)
+            if not np.shares_memory(image, out[j]):
                 out[j] = image
         return out
 
