@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m mixbct_jax.demo --out demo_runs
+	$(PY) -m mixbct_jax.demo --out demo_runs
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/train_step.py --arch r18 --batch 32

@@ -8,6 +8,8 @@ two items per step:
 * ``model``: ``{'params': backbone parameters, 'batch_stats': backbone BatchNorm statistics}`` only, which is all
   that extraction, evaluation, notebooks and the PyTorch converter need. Keeping it separate means loading a model
   never reads the (large, sharded) class centres or the optimizer state.
+* ``data`` (JSON): the input iterator's state (``pipeline.data_state``: step, seed, batch, subset, ...), checked
+  on resume so a resumed run continues with exactly the batches it would have seen.
 
 Old embeddings and other per-example arrays are never stored here (DESIGN §4).
 """
@@ -61,17 +63,27 @@ def manager(workdir: str | os.PathLike, *, keep: int = 3, asynchronous: bool = T
     """The run's ``CheckpointManager`` (saves are triggered explicitly by the trainer)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True)
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "model"))
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "model", "data"))
 
 
 def model_variables(state_params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
     return {"params": state_params, "batch_stats": batch_stats}
 
 
-def save(mngr: ocp.CheckpointManager, step: int, *, state: PyTree, model: PyTree) -> None:
-    """Saves both items at ``step`` (asynchronously when the manager is)."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model)),
-              force=True)
+def save(mngr: ocp.CheckpointManager, step: int, *, state: PyTree, model: PyTree,
+         data: dict[str, Any] | None = None) -> None:
+    """Saves the items at ``step`` (asynchronously when the manager is); ``data`` is the input iterator's state."""
+    items = {"state": ocp.args.StandardSave(state), "model": ocp.args.StandardSave(model)}
+    if data is not None:
+        items["data"] = ocp.args.JsonSave(data)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_data(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+    """The input iterator's state saved at ``step``; None for a checkpoint written before it was stored."""
+    if not (pathlib.Path(mngr.directory) / str(step) / "data").exists():
+        return None
+    return dict(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
 
 
 BAD_DIR = "checkpoints_unreadable"
@@ -171,7 +183,8 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     # only), so the manager must not wait at barriers for the others.
     local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
-    handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler()}
+    handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                            multiprocessing_options=local)
     with _quiet_absl():  # Orbax warns that a read-only manager is read-only

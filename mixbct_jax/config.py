@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.split_ratio = 0.3  # the old side's share of the classes (opclass/exclass) or images (opdata/exdata)
     c.data.global_batch = 1024  # 128 per GPU x 8 in the reference
     c.data.flip = True  # random horizontal flip with p = 0.5 (stateless: a hash of seed, epoch and example)
-    c.data.threads = -1  # tf.data parallelism; -1 = AUTOTUNE
+    c.data.threads = -1  # input worker processes (Grain); 0 = decode in the trainer; -1 = auto (docs/data.md)
 
     c.head = ml_collections.ConfigDict()
     c.head.type = "arcface"  # arcface | cosface | combined | softmax

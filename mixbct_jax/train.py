@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: dict) -> dict[str, Any]:
-    # Imported here: they pull in TensorFlow, which the step and the tests of pure maths do not need.
+    # Imported here: the input pipeline (Grain, decoders) is not needed by the step and the tests of pure maths.
     from mixbct_jax.data import old_embeddings, pipeline, sources, splits
 
 
@@ -175,6 +175,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
     par = step_lib.parallelize(body, abstract, mesh=mesh, mode=config.parallel, consts=consts)
     shardings = par.state_shardings()
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous)
+
+    def data_state(step: int) -> dict[str, Any]:
+        return pipeline.data_state(
+            step=step, seed=config.seed, global_batch=config.data.global_batch, num_examples=len(subset),
+            flip=config.data.flip, process_count=jax.process_count(), source=config.data.source,
+            subset=f"{config.data.scenario}/{config.data.role}/{config.data.split_ratio}")
+
     restored = checkpoint.restore_state(
         mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
         log=_log)
@@ -189,6 +196,16 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
              f"{total_steps} steps, {len(devices)} devices ({devices[0].platform}), method {config.bct.method}")
     else:
         start_step, state = restored
+        # A resume continues the interrupted run's batches exactly, unless the user allowed a field that changes
+        # them (config.resume_allow): then the new order starts from this step on purpose.
+        saved_data = checkpoint.restore_data(mngr, start_step)
+        expected_data = data_state(start_step)
+        order_fields = {"seed": "seed", "data.global_batch": "global_batch", "data.flip": "flip",
+                        "data.source": "source"}
+        for field in set(changes) & set(order_fields):
+            if saved_data is not None and order_fields[field] in saved_data:
+                expected_data[order_fields[field]] = saved_data[order_fields[field]]
+        pipeline.check_resume(saved_data, expected_data)
         if changes and jax.process_index() == 0:
             checkpoint.write_config(workdir, config)
             guard.record_resume(workdir, start_step, changes)
@@ -224,7 +241,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
     def save(step: int) -> None:
         host_state = par.from_device(state) if config.parallel == "pmap" else state
         checkpoint.save(mngr, step, state=host_state,
-                        model=checkpoint.model_variables(host_state["params"]["backbone"], host_state["batch_stats"]))
+                        model=checkpoint.model_variables(host_state["params"]["backbone"], host_state["batch_stats"]),
+                        data=data_state(step))
 
     try:
         for step in range(start_step, total_steps):
@@ -255,6 +273,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
                 _log(f"step {done} eval: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
                                                       if k.endswith(("top1", "mAP", "accuracy"))))
     finally:
+        batches.close()  # stops the input worker processes
         mngr.wait_until_finished()
         mngr.close()
 

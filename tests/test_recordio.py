@@ -1,6 +1,7 @@
 """RecordIO container, IRHeader and the insightface data-set view (SPEC §1.1-1.2, §9 RecordIO)."""
 
 import os
+import pickle
 import struct
 
 import cv2
@@ -230,3 +231,40 @@ def test_index_errors(tmp_path):
     (tmp_path / "i.idx").write_text(good + "7\t0\n")
     with pytest.raises(recordio.RecordIOError, match="key 7 appears more than once"):
         recordio.RecordReader(tmp_path / "i")
+
+
+@pytest.mark.parametrize("label, why", [
+    (-1.0, "is negative"),
+    (float("nan"), "is not a finite number"),
+    (2.5, "is not a whole number"),
+    (3.0, "is >= the number of classes 3 announced by the header"),
+    (1e9, "is >= the number of classes 3 announced by the header"),
+])
+def test_bad_label_names_file_and_key_when_opened(tmp_path, label, why):
+    with recordio.RecordWriter(tmp_path / "b") as w:
+        w.write(0, recordio.pack_header([5, 8]))  # 4 images, 3 identities
+        for key, value in zip(range(1, 5), [0.0, 1.0, label, 2.0]):
+            w.write(key, recordio.pack_header([value, 0], id=key) + b"img")
+    f = recordio.RecFile(tmp_path / "b")
+    with pytest.raises(recordio.RecordIOError, match=rf"b\.rec: record key 3 \(example 2\): label .* {why}"):
+        f.labels  # noqa: B018
+    assert not f.labels_cache_path.exists()  # nothing cached for a bad file
+
+
+def test_absurd_label_without_header_is_an_error(tmp_path):
+    with recordio.RecordWriter(tmp_path / "s") as w:
+        for key, value in [(0, 4.0), (1, 1e9)]:  # scalar labels, no header: the bound is 2^24
+            w.write(key, recordio.pack_header(value, id=key) + b"img")
+    message = r"record key 1 \(example 1\): label 1000000000.0 is >= the number of classes 16777216 \(at most 2\^24\)"
+    with pytest.raises(recordio.RecordIOError, match=message):
+        recordio.RecFile(tmp_path / "s").scan_labels()
+
+
+def test_rec_file_pickles_and_reopens(tmp_path):
+    labels = np.array([0, 1, 1])
+    recordio.write_rec(tmp_path / "p", _images(3), labels, encoding=".png")
+    f = recordio.RecFile(tmp_path / "p")
+    g = pickle.loads(pickle.dumps(f))
+    assert g.reader._fd >= 0
+    assert g.read_example(2) == f.read_example(2)
+    np.testing.assert_array_equal(g.labels, labels)

@@ -133,8 +133,14 @@ def test_npz_omniglot(omniglot_dir):
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    """A tiny TFDS data set prepared as array_record in a temporary data_dir (no download)."""
+    """A tiny TFDS data set prepared as array_record in a temporary data_dir (no download).
+
+    Writing a TFDS data set needs TensorFlow (TFDS serialises examples with it); reading one does not, which
+    test_tfds_source_reads_without_tensorflow checks in a fresh interpreter. Without TensorFlow installed (the
+    ``[tf]`` extra) these tests are skipped: there is no way to prepare the fixture.
+    """
     tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow", reason="preparing a TFDS data set needs TensorFlow (pip install -e '.[tf]')")
 
     class MixbctTinyFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
@@ -154,11 +160,36 @@ def tfds_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     builder = MixbctTinyFaces(data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return data_dir, builder
+    return data_dir, builder, MixbctTinyFaces
+
+
+def test_tfds_prepared_as_tfrecord_is_refused_with_the_build_command(tfds_dir, tmp_path):
+    import tensorflow_datasets as tfds
+
+    builder = tfds_dir[2](data_dir=str(tmp_path), file_format="tfrecord")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    message = r"stored as tfrecord.*`tfds build mixbct_tiny_faces --file_format=array_record"
+    with pytest.raises(ValueError, match=message):
+        sources.open_source(f"tfds:mixbct_tiny_faces,data_dir={tmp_path}")
+
+
+def test_tfds_source_reads_without_tensorflow(tfds_dir):
+    """In a fresh interpreter: open, read and batch the array_record set; TensorFlow is never imported."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from mixbct_jax.data import pipeline, sources\n"
+            f"s = sources.open_source('tfds:mixbct_tiny_faces:train,data_dir={tfds_dir[0]}')\n"
+            f"b = next(pipeline.train_batches(s, None, global_batch=4, seed=0, threads=0))\n"
+            f"assert b['image'].shape == (4, 6, 6, 3), b['image'].shape\n"
+            f"print('TF', sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TF []" in result.stdout, result.stdout
 
 
 def test_tfds_source(tfds_dir):
-    data_dir, builder = tfds_dir
+    data_dir, builder, _ = tfds_dir
     # Opened by name from the data_dir alone: the builder class is not registered.
     src = sources.open_source(f"tfds:mixbct_tiny_faces:train,data_dir={data_dir}")
     reference = builder.as_data_source("train")
@@ -205,3 +236,31 @@ def test_classes_option_restricts_any_source_and_relabels():
         open_source("synthetic:num_classes=10,classes=5")
     with pytest.raises(ValueError, match="no example"):
         open_source("synthetic:num_classes=10,classes=50:60")
+
+
+@pytest.mark.parametrize("label, why", [(-3, "is negative"), (2.5, "is not a whole number"),
+                                        (np.nan, "is not a finite number"), (1e9, "is >= the number of classes")])
+def test_npz_bad_label_names_file_and_row(tmp_path, label, why):
+    labels = np.array([0, 1, label, 1], np.float64)
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 5, 5), np.uint8), label=labels)
+    with pytest.raises(ValueError, match=rf"bad\.npz 'label': example 2: label .* {why}"):
+        sources.open_source(f"npz:{tmp_path / 'bad.npz'}")
+
+
+def test_decode_rgb_matches_opencv_on_omniglot_jpegs(omniglot_dir):
+    """simplejpeg (accurate IDCT, fancy upsampling) gives OpenCV's pixels, grey and colour, 4:2:0 and 4:4:4."""
+    with np.load(omniglot_dir / "omniglot_small_28.npz") as z:
+        strokes = z["images"][:40]
+    rng = np.random.default_rng(0)
+    for k, grey in enumerate(strokes):
+        image = cv2.resize(grey, (56, 56), interpolation=cv2.INTER_LINEAR)
+        colour = np.stack([image, 255 - image, rng.integers(0, 256, image.shape, dtype=np.uint8)], axis=-1)
+        sampling = [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444] if k % 2 else []
+        for array in (image, colour):
+            data = cv2.imencode(".jpg", array, [cv2.IMWRITE_JPEG_QUALITY, 60 + k] + sampling)[1].tobytes()
+            reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+            np.testing.assert_array_equal(sources.decode_rgb(data, "x"), reference)
+            np.testing.assert_array_equal(sources.decode_rgb(data, "x", flip=True), reference[:, ::-1])
+            png = cv2.imencode(".png", array)[1].tobytes()
+            flipped = sources.decode_rgb(png, "x", flip=True)
+            np.testing.assert_array_equal(flipped, sources.decode_rgb(png, "x")[:, ::-1])

@@ -110,6 +110,13 @@ def test_finished_run_is_not_retrained(straight_run, capsys):
     assert "is finished (step 6/6)" in capsys.readouterr().err
 
 
+def test_resuming_with_another_data_order_is_refused(straight_run):
+    """The checkpoint's input state (checkpoints/<step>/data) must match the config the run resumes with."""
+    assert json.loads((straight_run / "checkpoints" / "6" / "data" / "metadata").read_text())["step"] == 6
+    with pytest.raises(ValueError, match=r"input-pipeline state does not match this run \(seed: checkpoint 0 vs now 1"):
+        train.train_and_evaluate(quick(6, seed=1), straight_run)
+
+
 def test_pmap_mode_trains(tmp_path):
     train.train_and_evaluate(quick(2, parallel="pmap"), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

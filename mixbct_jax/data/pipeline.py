@@ -1,36 +1,45 @@
-"""The tf.data input pipeline: deterministic, resumable global batches of decoded uint8 images.
+"""The input pipeline on Grain: deterministic, resumable global batches of decoded uint8 images, no TensorFlow.
 
 Order (SPEC §1.4, as a global permutation instead of the reference's per-rank strided sampler): epoch ``e`` is
 the permutation ``np.random.default_rng([seed, e]).permutation(n)`` of the subset, cut into global batches of
 ``global_batch`` with the remainder dropped; step ``s`` is batch ``s % steps_per_epoch`` of epoch
 ``s // steps_per_epoch``. The order is a pure function of ``(seed, step)``, so starting at ``start_step`` resumes
-exactly, skipping at the index level without decoding. Process ``p`` of ``P`` yields the contiguous slice
-``[p·B/P, (p+1)·B/P)`` of every global batch. The horizontal flip (p = 0.5, SPEC §1.3) is a hash of
-``(seed, epoch, subset index)``, so it is reproducible as well.
+exactly, skipping at the index level without decoding; the state a checkpoint needs is :func:`data_state`.
+Process ``p`` of ``P`` yields the contiguous slice ``[p·B/P, (p+1)·B/P)`` of every global batch. The horizontal
+flip (p = 0.5, SPEC §1.3) is a hash of ``(seed, epoch, subset index)``, so it is reproducible as well.
 
-How images are produced:
-* sources that store encoded images (rec, folder, tfds): the bytes of a batch are read in one Python call
-  (``os.pread``, which releases the GIL), then every image is decoded and flipped by TensorFlow ops in a parallel
-  ``map`` (C++ threads, no GIL) and re-batched;
-* array-backed sources (synthetic, npz): ``source.read`` of the whole batch via ``tf.numpy_function``.
+How batches are produced: a ``grain.MapDataset`` over step numbers maps each step to its whole local batch
+(:class:`_BatchReader`: plan the indices, read the encoded bytes, decode with :func:`sources.decode_rgb`, flip).
+With ``workers > 0`` Grain runs that map in spawned worker processes (``mp_prefetch``), each producing every
+``workers``-th batch, and hands them back in step order, so the output does not depend on the worker count. A
+source pickles to the workers (a ``.rec`` reopens its file there). A bad image does not raise inside a worker:
+its batch carries the message, and the main process raises :class:`BadInputError` naming the file and key.
 
-Images stay uint8; the [-1, 1] normalisation happens on the device. TensorFlow is imported lazily and never sees
-an accelerator.
+Images stay uint8; the [-1, 1] normalisation happens on the device.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
+import os
 import threading
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from mixbct_jax.data.sources import Source
+from mixbct_jax.data.sources import Source, decode_rgb
 from mixbct_jax.data.splits import Subset, full
 
 _U64 = (1 << 64) - 1
+_ENDLESS = 1 << 48  # steps in the "endless" training range (a MapDataset needs a length)
+_ERROR = "__error__"
+
+
+class BadInputError(ValueError):
+    """An example of the data set cannot be served (undecodable or wrong-sized image); names the file and key."""
 
 
 def steps_per_epoch(n: int, global_batch: int) -> int:
@@ -60,32 +69,23 @@ def flip_mask(seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(63)).astype(bool)
 
 
-def _tf():
-    """TensorFlow with every GPU hidden (TF is only the input pipeline; the accelerator belongs to JAX)."""
-    import tensorflow as tf
+def default_workers(cpus: int | None = None) -> int:
+    """Worker processes when none are configured: one core stays with the trainer, at most 8 workers.
 
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TF already initialised its devices; it was hidden then, or by CUDA_VISIBLE_DEVICES
-        pass
-    return tf
+    A 2-core box gets 1 worker, a 16-core GPU host 8 (each worker decodes ~8,000 112×112 JPEGs/s, so 8 feed
+    far more than one accelerator consumes); a 1-core machine decodes in the main process.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus - 1))
 
 
-class _EpochPermutations:
-    """``default_rng([seed, e]).permutation(n)``, keeping the two most recent epochs (parallel readers overlap)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._cache: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, epoch: int) -> np.ndarray:
-        with self._lock:
-            if epoch not in self._cache:
-                if len(self._cache) >= 2:
-                    del self._cache[min(self._cache)]
-                self._cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            return self._cache[epoch]
+def _workers(threads: int | None, reader: _BatchReader) -> int:
+    """Worker processes for ``threads``: as given when >= 0; automatic (None or < 0): :func:`default_workers` when
+    there are images to decode, 0 for in-memory sources (synthetic, npz), whose reads are a cheap array gather."""
+    if threads is None or threads < 0:
+        return default_workers() if reader.encoded else 0
+    return int(threads)
 
 
 def _check_processes(batch: int, process_index: int, process_count: int, what: str) -> int:
@@ -96,92 +96,152 @@ def _check_processes(batch: int, process_index: int, process_count: int, what: s
     return batch // process_count
 
 
-def _options(tf, threads: int | None):
-    opts = tf.data.Options()
-    opts.deterministic = True
-    if threads:
-        opts.threading.private_threadpool_size = threads
-        opts.threading.max_intra_op_parallelism = 1
-    return opts
+# ---- the per-step work (runs in the workers; everything here pickles) -----------------------------------------
 
 
-def _images(tf, ds, source: Source, local_batch: int, threads: int | None):
-    """Maps a dataset of index batches to the same batches with an ``'image'`` uint8 [b, H, W, 3] field.
+class _TrainPlan:
+    """Step -> (subset rows, source rows, labels, flips) of this process's slice of the global batch."""
 
-    Elements in: dicts with ``source_index`` int64 [b] and ``flip`` bool [b] (and pass-through fields); the last
-    batch may be smaller.
-    """
-    parallel = threads or tf.data.AUTOTUNE
-    shape = tuple(source.image_shape)
-    probe = int(source.read_encoded(0) is not None) if len(source) else 0
+    def __init__(self, subset: Subset, *, global_batch: int, seed: int, flip: bool, lo: int, local: int):
+        self.indices, self.labels = subset.indices, subset.labels
+        self.n, self.spe = len(subset), steps_per_epoch(len(subset), global_batch)
+        self.global_batch, self.seed, self.flip, self.lo, self.local = global_batch, seed, flip, lo, local
+        self._perms: dict[int, np.ndarray] = {}
 
-    if probe:
-        def read_bytes(src):  # [b] int64 -> [b] encoded bytes
-            return np.array([source.read_encoded(int(i)) for i in src], dtype=object)
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a worker moves forward through the epochs
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
 
-        def with_bytes(ex):
-            data = tf.numpy_function(read_bytes, [ex["source_index"]], tf.string, stateful=False)
-            return {**ex, "data": tf.ensure_shape(data, [None])}
-
-        def decode(ex):
-            data = ex.pop("data")
-            image = tf.cond(
-                tf.io.is_jpeg(data),
-                # INTEGER_ACCURATE is libjpeg's ISLOW DCT, the one OpenCV (mx.image.imdecode) uses.
-                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-                lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-            )
-            # A wrong-sized image fails here, naming its source row, not later in the model.
-            check = tf.debugging.Assert(
-                tf.reduce_all(tf.shape(image) == shape),
-                [f"{source.name}: the image of source row", ex["source_index"], "decodes to shape", tf.shape(image),
-                 f"but the source serves {shape}; add ',size=N' to the spec to resize"],
-            )
-            with tf.control_dependencies([check]):
-                image = tf.ensure_shape(tf.identity(image), shape)
-            image = tf.cond(ex["flip"], lambda: tf.reverse(image, axis=[1]), lambda: image)
-            return {**ex, "image": image}
-
-        ds = ds.map(with_bytes, num_parallel_calls=parallel).unbatch()
-        ds = ds.map(decode, num_parallel_calls=parallel).batch(local_batch)
-        return ds
-
-    def read(src, flip):  # [b], [b] -> [b, H, W, 3]
-        images = source.read(src)
-        return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-
-    def with_images(ex):
-        images = tf.numpy_function(read, [ex["source_index"], ex["flip"]], tf.uint8, stateful=False)
-        return {**ex, "image": tf.ensure_shape(images, (None, *shape))}
-
-    return ds.map(with_images, num_parallel_calls=parallel)
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, k = divmod(int(step), self.spe)
+        start = k * self.global_batch + self.lo
+        pos = self._perm(epoch)[start : start + self.local]  # [b] subset rows
+        flips = flip_mask(self.seed, epoch, pos) if self.flip else np.zeros(self.local, bool)
+        return {"index": pos.astype(np.int32), "source_index": self.indices[pos].astype(np.int64),
+                "label": self.labels[pos].astype(np.int32), "flip": flips}
 
 
-# Live batch generators. A tf.data iterator with numpy_function calls in flight deadlocks if it is destroyed
-# during interpreter finalisation (its threads wait for a GIL that is never handed out again), so the
-# generators still open at exit are closed by an atexit hook, while the interpreter still works.
+class _EvalPlan:
+    """Step -> rows ``[k·B, (k+1)·B)`` of the subset, this process's slice, padded rows masked."""
+
+    def __init__(self, subset: Subset, *, batch_size: int, seed: int, flip: bool, pad: bool, lo: int, local: int):
+        self.indices, self.labels, self.n = subset.indices, subset.labels, len(subset)
+        self.batch_size, self.seed, self.flip, self.pad, self.lo, self.local = batch_size, seed, flip, pad, lo, local
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        start = int(step) * self.batch_size
+        pos = np.arange(start, min(start + self.batch_size, self.n), dtype=np.int64)
+        if self.pad:
+            pos = np.concatenate([pos, np.full(self.batch_size - pos.size, -1, np.int64)])
+        pos = pos[self.lo : self.lo + self.local]  # [b] (smaller in an unpadded last batch; then one process)
+        mask = pos >= 0
+        safe = np.where(mask, pos, self.n - 1)  # padded rows re-read the last example
+        src = self.indices[safe].astype(np.int64)
+        flips = flip_mask(self.seed, 0, safe) if self.flip else np.zeros(pos.size, bool)
+        return {"index": pos.astype(np.int32), "source_index": np.where(mask, src, -1), "read": src,
+                "label": np.where(mask, self.labels[safe], -1).astype(np.int32), "mask": mask, "flip": flips}
+
+
+class _BatchReader:
+    """Step -> a whole local batch with decoded, flipped images (or an error message for the main process)."""
+
+    def __init__(self, source: Source, plan):
+        self.source, self.plan = source, plan
+        self.shape = tuple(source.image_shape)
+        self.encoded = len(source) > 0 and source.read_encoded(0) is not None
+        self.shared = False  # set when the reader runs in worker processes (see _run)
+
+    def _images(self, rows: np.ndarray, flips: np.ndarray, out: np.ndarray) -> np.ndarray:
+        for j, i in enumerate(rows.tolist()):
+            # An unflipped JPEG is decoded in place; a flipped one comes back as a fast-to-copy reversed view.
+            image = decode_rgb(self.source.read_encoded(i), self.source.where(i), out=out[j], flip=bool(flips[j]))
+            if image.shape != self.shape:
+                raise BadInputError(f"{self.source.where(i)}: the image decodes to shape {image.shape}, but the "
+                                    f"source serves {self.shape}; images of one source must share a size (add "
+                                    "',size=N' to the spec to resize)")
+            if not np.shares_memory(image, out[j]):
+                out[j] = image
+        return out
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        batch = self.plan(step)
+        rows, flips = batch.pop("read", batch["source_index"]), batch.pop("flip")
+        if not self.encoded:
+            images = self.source.read(rows)
+            batch["image"] = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+            return batch
+        shape = (rows.size, *self.shape)
+        if self.shared:  # decode straight into shared memory: Grain then sends it to the trainer without a copy
+            import grain
+
+            out = grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
+        else:
+            out = np.empty(shape, np.uint8)
+        try:
+            batch["image"] = self._images(rows, flips, out)
+        except (ValueError, OSError) as e:  # decode errors, wrong sizes, corrupt or vanished files
+            if self.shared:
+                out.unlink_on_del()  # never sent: this process frees the segment
+            del out
+            return {_ERROR: str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"}
+        return batch
+
+
+# ---- running it ------------------------------------------------------------------------------------------------
+
+# Live batch generators. Grain's worker processes are stopped when their iterator is closed; the generators still
+# open at interpreter exit are closed by this hook, so no worker outlives the run and exit never waits on one.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
 
 
 @atexit.register
 def _close_live() -> None:
-    for gen in list(_LIVE):
+    with _LIVE_LOCK:
+        gens = list(_LIVE)
+    for gen in gens:
         gen.close()
 
 
-def _finish(tf, ds, threads: int | None, drop: tuple[str, ...] = ("flip",)) -> Iterator[dict[str, np.ndarray]]:
-    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k not in drop}).prefetch(tf.data.AUTOTUNE)
-    ds = ds.with_options(_options(tf, threads))
+def _run(reader: _BatchReader, start: int, stop: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
+    import grain
+
+    reader.shared = workers > 0
+    dataset = grain.MapDataset.range(start, stop).map(reader)
+    # In-process: one prefetch thread overlaps decoding (which releases the GIL) with the consumer. Workers run
+    # ahead by themselves (per_worker_buffer_size), and must not hold shared-memory batches in a private buffer
+    # that Grain would not free at shutdown.
+    threads = 0 if workers > 0 else 1
+    it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside absl.app (pytest, notebooks) use
+            flags.FLAGS.mark_as_parsed()  # their defaults instead of failing
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
 
     def batches():
-        it = ds.as_numpy_iterator()
+        it = iter(it_ds)
         try:
-            yield from it
+            for batch in it:
+                if _ERROR in batch:
+                    raise BadInputError(str(batch[_ERROR]))
+                # A worker's arrays arrive in shared memory (Grain's ndarray subclass, unlinked when dropped):
+                # hand out plain ndarray views of them, no copy.
+                yield {k: v if type(v) is np.ndarray else np.asarray(v).view(np.ndarray) for k, v in batch.items()}
         finally:
-            del it  # stops the tf.data threads now, not at some later garbage collection
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # stops the worker processes now, not at some later garbage collection
+            del it
+            gc.collect()  # Grain's iterator holds its last shared-memory batch in a cycle: release it now
 
     gen = batches()
-    _LIVE.add(gen)
+    with _LIVE_LOCK:
+        _LIVE.add(gen)
     return gen
 
 
@@ -208,14 +268,17 @@ def train_batches(
       flip: random horizontal flip with p = 0.5.
       process_index: this process's rank.
       process_count: number of processes sharing each global batch.
-      threads: tf.data parallelism (None: AUTOTUNE and TF's default thread pool).
+      threads: decoding worker processes (0: decode in this process; None or < 0: automatic, see
+        :func:`_workers`). The batches do not depend on it.
 
     Yields:
       dicts with ``image`` uint8 [b, H, W, 3], ``label`` int32 [b] (subset labels), ``index`` int32 [b] (row in
       the subset, i.e. in per-example arrays such as old features) and ``source_index`` int64 [b], where
       ``b = global_batch // process_count``.
+
+    Raises:
+      BadInputError: (while iterating) an image cannot be decoded or has the wrong size; names file and key.
     """
-    tf = _tf()
     subset = subset if subset is not None else full(source.labels)
     local = _check_processes(global_batch, process_index, process_count, "global_batch")
     spe = steps_per_epoch(len(subset), global_batch)
@@ -223,23 +286,10 @@ def train_batches(
         raise ValueError(f"the subset has {len(subset)} examples, fewer than one global batch of {global_batch}")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0; got {start_step}")
-    perms = _EpochPermutations(len(subset), seed)
-    lo = process_index * local
-
-    def plan(step):  # the index-level batch of one step; nothing is read here
-        epoch, k = divmod(int(step), spe)
-        pos = perms(epoch)[k * global_batch + lo : k * global_batch + lo + local]  # [b] subset rows
-        flips = flip_mask(seed, epoch, pos) if flip else np.zeros(local, bool)
-        return pos.astype(np.int32), subset.indices[pos], subset.labels[pos].astype(np.int32), flips
-
-    def planned(step):
-        dtypes = [tf.int32, tf.int64, tf.int32, tf.bool]
-        pos, src, label, flips = tf.numpy_function(plan, [step], dtypes, stateful=False)
-        fix = lambda t: tf.ensure_shape(t, [local])  # noqa: E731
-        return {"index": fix(pos), "source_index": fix(src), "label": fix(label), "flip": fix(flips)}
-
-    ds = tf.data.Dataset.counter(start=start_step).map(planned)
-    return _finish(tf, _images(tf, ds, source, local, threads), threads)
+    plan = _TrainPlan(subset, global_batch=global_batch, seed=seed, flip=flip, lo=process_index * local,
+                      local=local)
+    reader = _BatchReader(source, plan)
+    return _run(reader, start_step, start_step + _ENDLESS, _workers(threads, reader))
 
 
 def eval_batches(
@@ -270,49 +320,47 @@ def eval_batches(
       pad_last: pad the last batch to full size.
       process_index: this process's rank.
       process_count: number of processes.
-      threads: tf.data parallelism (None: AUTOTUNE).
+      threads: decoding worker processes (0: in this process; None or < 0: automatic, as for training).
 
     Yields:
       dicts with ``image`` uint8 [b, H, W, 3], ``label`` int32 [b], ``index`` int32 [b] (subset row),
       ``source_index`` int64 [b] and ``mask`` bool [b]; padded rows have mask False, label/index/source_index -1
       and a copy of a real image.
     """
-    tf = _tf()
     subset = subset if subset is not None else full(source.labels)
     local = _check_processes(batch_size, process_index, process_count, "batch_size")
     n = len(subset)
-    pad = pad_last or process_count > 1
-    steps = -(-n // batch_size)
-    lo = process_index * local
+    plan = _EvalPlan(subset, batch_size=batch_size, seed=seed, flip=flip, pad=pad_last or process_count > 1,
+                     lo=process_index * local, local=local)
+    reader = _BatchReader(source, plan)
+    return _run(reader, 0, -(-n // batch_size), _workers(threads, reader))
 
-    def plan(step):
-        start = int(step) * batch_size
-        pos = np.arange(start, min(start + batch_size, n), dtype=np.int64)
-        if pad:
-            pos = np.concatenate([pos, np.full(batch_size - pos.size, -1, np.int64)])
-        pos = pos[lo : lo + local]  # [b] (smaller in an unpadded last batch; then process_count == 1)
-        mask = pos >= 0
-        safe = np.where(mask, pos, n - 1)  # padded rows re-read the last example
-        src = subset.indices[safe]
-        label = np.where(mask, subset.labels[safe], -1).astype(np.int32)
-        flips = flip_mask(seed, 0, safe) if flip else np.zeros(pos.size, bool)
-        return pos.astype(np.int32), src, np.where(mask, src, -1), label, mask, flips
 
-    def planned(step):
-        pos, src, src_out, label, mask, flips = tf.numpy_function(
-            plan, [step], [tf.int32, tf.int64, tf.int64, tf.int32, tf.bool, tf.bool], stateful=False
-        )
-        fix = lambda t: tf.ensure_shape(t, [None])  # noqa: E731
-        return {
-            "index": fix(pos), "source_index": fix(src), "reported_source_index": fix(src_out),
-            "label": fix(label), "mask": fix(mask), "flip": fix(flips),
-        }
+# ---- checkpointed iterator state -------------------------------------------------------------------------------
 
-    def rename(ex):
-        ex = dict(ex)
-        ex["source_index"] = ex.pop("reported_source_index")
-        return ex
 
-    ds = tf.data.Dataset.range(steps).map(planned)
-    ds = _images(tf, ds, source, local, threads).map(rename)
-    return _finish(tf, ds, threads)
+def data_state(*, step: int, seed: int, global_batch: int, num_examples: int, flip: bool, process_count: int,
+               source: str, subset: str) -> dict[str, Any]:
+    """The whole input-iterator state at global ``step`` (JSON-serialisable; saved beside the train state).
+
+    The order is a pure function of these fields, so this is all a resumed run needs to continue with exactly the
+    batches it would have seen.
+    """
+    return {"version": 1, "step": int(step), "seed": int(seed), "global_batch": int(global_batch),
+            "num_examples": int(num_examples), "flip": bool(flip), "process_count": int(process_count),
+            "source": str(source), "subset": str(subset)}
+
+
+def check_resume(saved: dict[str, Any] | None, expected: dict[str, Any]) -> None:
+    """Raises a clear error when a checkpoint's input state does not match this run's (same fields as
+    :func:`data_state`); ``saved`` None (a checkpoint written before the state was stored) passes."""
+    if saved is None:
+        return
+    # process_count may change (batches are global, processes take slices), so it is not compared.
+    fields = ("step", "seed", "global_batch", "num_examples", "flip", "source", "subset")
+    diff = {k: (saved.get(k), expected[k]) for k in fields if saved.get(k) != expected[k]}
+    if diff:
+        what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"the checkpoint's input-pipeline state does not match this run ({what}); resuming would "
+                         "train on other batches than the interrupted run. Resume with the run's original config "
+                         "(config.json in the workdir) or start a new --workdir.")

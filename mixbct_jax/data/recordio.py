@@ -334,7 +334,18 @@ class RecordReader:
         except Exception:  # interpreter shutdown
             pass
 
+    def __getstate__(self) -> dict:
+        # A descriptor number means nothing in another process (input workers are spawned): reopen there.
+        state = dict(self.__dict__)
+        state["_fd"] = -1
+        return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fd = os.open(self.rec_path, os.O_RDONLY)
+
+
+MAX_LABEL = 1 << 24  # labels are stored as float32, exact for whole numbers below 2^24
 _SCAN_CHUNK = 1 << 20  # records per gather in the label scan, bounds its memory at ~60 MiB
 
 
@@ -354,6 +365,10 @@ class RecFile:
                 header = unpack(self.reader.read(0))[0]
             except RecordIOError as e:
                 raise RecordIOError(f"{self.reader.rec_path}: record key 0 (the header): {e}") from None
+        # The insightface header [N+1, N+1+C] announces C identities (C = 0: no identity records).
+        self.declared_classes: int | None = None
+        if header is not None and header.flag >= 2 and header.label[1] > header.label[0]:
+            self.declared_classes = int(header.label[1] - header.label[0])
         if header is not None and header.flag > 0:
             end = int(header.label[0])
             self._keys = np.arange(1, end, dtype=np.int64)
@@ -370,6 +385,15 @@ class RecFile:
 
     def __len__(self) -> int:
         return int(self._keys.size)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def key(self, i: int) -> int:
         """The record key of example ``i``."""
@@ -398,6 +422,7 @@ class RecFile:
     def _cache_key(self) -> dict[str, int]:
         st_idx, st_rec = os.stat(self.reader.idx_path), os.stat(self.reader.rec_path)
         return {
+            "labels_checked": 1,  # caches written before labels were validated are rescanned
             "idx_size": st_idx.st_size,
             "idx_mtime_ns": st_idx.st_mtime_ns,
             "rec_size": st_rec.st_size,
@@ -431,7 +456,7 @@ class RecFile:
         return labels
 
     def scan_labels(self) -> np.ndarray:
-        """Reads every example's label from its header words only (no cache).
+        """Reads and validates every example's label from its header words only (no cache).
 
         Records start at multiples of 4, so the file is memory-mapped as uint32 words and five words per record
         (magic, lrec, flag, scalar label, first vector label) are gathered at the ``.idx`` offsets and parsed as
@@ -440,11 +465,15 @@ class RecFile:
 
         Returns:
           int32 [N].
+
+        Raises:
+          RecordIOError: a label is not a finite non-negative integer below the class count (see
+            :meth:`check_labels`), naming the file and the record key.
         """
         n = len(self)
-        labels = np.empty(n, np.int32)
+        labels = np.empty(n, np.float32)
         if n == 0:
-            return labels
+            return labels.astype(np.int32)
         size = self.reader.file_size
         if size < 8:
             raise RecordIOError(f"{self.reader.rec_path}: the file has only {size} bytes; it is truncated")
@@ -474,12 +503,44 @@ class RecFile:
                     f"{self.reader.rec_path}: record key {self._keys[start + j]}: {what} at byte offset {off[j]}; "
                     "the .rec file is corrupt, truncated, or does not belong to this .idx"
                 )
-            labels[start : start + off.size] = first_label.astype(np.int32)
+            labels[start : start + off.size] = first_label
             fine = ((cflag == _WHOLE) | (cflag == _FIRST)) & (length >= need)
             for j in np.flatnonzero(~fine).tolist():  # rare: a magic word cut the header, or a corrupt flag
-                labels[start + j] = self.read_example(start + j)[0]
+                labels[start + j] = self._raw_label(start + j)
         del words
-        return labels
+        return self.check_labels(labels)
+
+    def _raw_label(self, i: int) -> float:
+        key = self.key(i)
+        try:
+            header, _ = unpack(self.reader.read_at(int(self._offsets[i]), key))
+        except RecordIOError as e:
+            raise RecordIOError(f"{self.reader.rec_path}: record key {key}: {e}") from None
+        return float(header.label[0] if header.flag > 0 else header.label)
+
+    def check_labels(self, raw: np.ndarray) -> np.ndarray:
+        """float32 [N] stored labels -> int32 [N], or one clear error naming the file and the first bad key.
+
+        A label must be finite, a whole number, >= 0 and below the class count: the header's identity count C
+        when it announces one, else 2^24 (float32 holds whole numbers exactly only up to 2^24, so a larger stored
+        label cannot be a faithful class id; without this check a label of 1e9 would size a 1e9-class head).
+        """
+        bound = self.declared_classes or MAX_LABEL
+        checks = (
+            (~np.isfinite(raw), "is not a finite number"),
+            (np.isfinite(raw) & (raw != np.floor(raw)), "is not a whole number"),
+            (raw < 0, "is negative"),
+            (raw >= bound, f"is >= the number of classes {bound}"
+             + (" announced by the header record (key 0)" if self.declared_classes else " (at most 2^24)")),
+        )
+        for bad, why in checks:
+            if np.any(bad):
+                j = int(np.argmax(bad))
+                raise RecordIOError(
+                    f"{self.reader.rec_path}: record key {self.key(j)} (example {j}): label {float(raw[j])!r} {why}; "
+                    f"{int(bad.sum())} example(s) are affected. Labels must be class ids 0..C-1: rebuild the .rec "
+                    "with correct labels")
+        return raw.astype(np.int32)
 
     def close(self) -> None:
         self.reader.close()

@@ -12,8 +12,12 @@ Options follow the location after commas as ``key=value``, so paths must not con
 takes ``classes=A:B``: only the examples with ``A <= label < B``, relabelled to ``0..B-A-1`` (for example, to
 hold classes out of training and evaluate retrieval on them). Every source serves
 uint8 RGB images of one shape ``image_shape``; greyscale is replicated to three channels. Sources that store
-encoded images (rec, folder, tfds) also hand them out undecoded, so the input pipeline can decode them in
-TensorFlow threads.
+encoded images (rec, folder, tfds) also hand them out undecoded, so the input pipeline decodes them in its worker
+processes. Sources pickle (a ``.rec`` reopens its file), so they can be sent to those workers.
+
+JPEGs are decoded by libjpeg-turbo through simplejpeg with the accurate integer IDCT and fancy upsampling, which
+gives exactly OpenCV's pixels (``cv2.imdecode``, the reference's ``mx.image.imdecode``); PNG and BMP go through
+OpenCV. No TensorFlow is involved.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from mixbct_jax.data import recordio
+from mixbct_jax.data.recordio import MAX_LABEL
 from mixbct_jax.data.synthetic import SyntheticFaces
 
 SPEC_FORMS = (
@@ -69,6 +74,10 @@ class Source(Protocol):
         """
         ...
 
+    def where(self, index: int) -> str:
+        """Names example ``index`` for error messages: its file, record key or row."""
+        ...
+
 
 # ---- shared helpers -------------------------------------------------------------------------------------------
 
@@ -95,17 +104,81 @@ def _to_rgb(images: np.ndarray, what: str) -> np.ndarray:
     return np.repeat(images[..., None], 3, axis=-1)
 
 
-def decode_rgb(data: bytes, what: str) -> np.ndarray:
-    """Decodes JPEG/PNG/BMP bytes to uint8 [H, W, 3] RGB with OpenCV (as ``mx.image.imdecode`` does).
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
-    EXIF orientation is ignored, as TensorFlow's decoders (used by the input pipeline) ignore it.
+
+def decode_rgb(data: bytes, what: str, out: np.ndarray | None = None, flip: bool = False) -> np.ndarray:
+    """Decodes JPEG/PNG/BMP bytes to uint8 [H, W, 3] RGB, pixel for pixel as OpenCV (``mx.image.imdecode``).
+
+    JPEG: simplejpeg (libjpeg-turbo, ISLOW IDCT, fancy upsampling: OpenCV's settings), strict, so a truncated or
+    corrupt file is an error instead of a grey-filled image. Other formats: OpenCV. EXIF orientation is ignored.
+
+    Args:
+      data: the encoded bytes.
+      what: names the image in error messages (file, record key).
+      out: optional contiguous uint8 [H, W, 3] buffer: an unflipped JPEG of exactly that size is decoded into it
+        (no copy); the returned array is then ``out``. Anything else is decoded as without it (check the returned
+        shape and whether it shares memory with ``out``).
+      flip: return the image mirrored left-right (a view). It is decoded as BGR and both the width and the channel
+        axes are reversed, which numpy copies as one reversed run per row: several times faster than reversing
+        the width of an RGB image (3-byte pixels).
+
+    Raises:
+      ValueError: the bytes are not a decodable image; the message starts with ``what``.
     """
+    if bytes(data[:3]) == _JPEG_MAGIC:
+        import simplejpeg
+
+        try:
+            if flip:
+                bgr = simplejpeg.decode_jpeg(data, colorspace="BGR", fastdct=False, fastupsample=False, strict=True)
+                return bgr[:, ::-1, ::-1] if bgr.shape[2] == 3 else np.repeat(bgr[:, ::-1], 3, axis=2)
+            if out is not None and simplejpeg.decode_jpeg_header(data)[:2] == out.shape[:2]:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
+                                              strict=True, buffer=out)
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+        except ValueError as e:
+            raise ValueError(f"{what}: cannot decode the JPEG ({len(data)} bytes): {e}; the file is corrupt or "
+                             "truncated: re-encode or remove it") from None
+        return image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
     import cv2
 
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
-        raise ValueError(f"{what}: cannot decode the image bytes ({len(data)} bytes, starting {data[:8]!r})")
-    return image[:, :, ::-1]  # BGR -> RGB
+        raise ValueError(f"{what}: cannot decode the image bytes ({len(data)} bytes, starting {bytes(data[:8])!r}); "
+                         "it is not a JPEG/PNG/BMP image: re-encode or remove it")
+    return image[:, ::-1, ::-1] if flip else image[:, :, ::-1]  # BGR -> RGB
+
+
+def check_labels(values: np.ndarray, what: str, where=None, num_classes: int | None = None) -> np.ndarray:
+    """Validates stored labels and returns them as int32 [N], or raises one clear error.
+
+    A label must be a finite whole number, >= 0 and below ``num_classes`` (when declared) and 2^24.
+
+    Args:
+      values: labels of any numeric dtype.
+      what: the source's name (file or spec) for the message.
+      where: optional ``i -> str`` naming example ``i`` (a file, a record key).
+      num_classes: the declared class count, if the source has one.
+    """
+    raw = np.asarray(values).reshape(-1)
+    if raw.dtype.kind not in "iuf" and raw.dtype != bool:
+        raise ValueError(f"{what}: labels must be numbers; got dtype {raw.dtype}")
+    raw = raw.astype(np.float64)
+    bound = min(num_classes, MAX_LABEL) if num_classes else MAX_LABEL
+    checks = (
+        (~np.isfinite(raw), "is not a finite number"),
+        (np.isfinite(raw) & (raw != np.floor(raw)), "is not a whole number"),
+        (raw < 0, "is negative"),
+        (raw >= bound, f"is >= the number of classes {bound}"),
+    )
+    for bad, why in checks:
+        if np.any(bad):
+            j = int(np.argmax(bad))
+            at = where(j) if where else f"example {j}"
+            raise ValueError(f"{what}: {at}: label {float(raw[j])!r} {why} ({int(bad.sum())} example(s) "
+                             "affected); labels must be class ids 0..C-1: fix the data")
+    return raw.astype(np.int32)
 
 
 def _check_indices(indices: np.ndarray | list[int], n: int, name: str) -> np.ndarray:
@@ -150,6 +223,9 @@ class SyntheticSource:
     def read_encoded(self, index: int) -> bytes | None:
         return None
 
+    def where(self, index: int) -> str:
+        return f"{self.name} row {int(index)}"
+
 
 class ArraySource:
     """Images held in memory (the ``npz`` spec)."""
@@ -158,7 +234,7 @@ class ArraySource:
         if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"{name}: need images [N, H, W, 3] and labels [N]; got {images.shape}, {labels.shape}")
         self.name, self.images = name, images
-        self.labels = labels.astype(np.int32)
+        self.labels = check_labels(labels, name)
         self.num_classes = _num_classes(self.labels)
         self.image_shape = tuple(images.shape[1:])
 
@@ -170,6 +246,9 @@ class ArraySource:
 
     def read_encoded(self, index: int) -> bytes | None:
         return None
+
+    def where(self, index: int) -> str:
+        return f"{self.name} row {int(index)}"
 
 
 class RecSource:
@@ -187,13 +266,15 @@ class RecSource:
     def __len__(self) -> int:
         return len(self.rec)
 
+    def where(self, index: int) -> str:
+        return f"{self.rec.reader.rec_path} record key {self.rec.key(int(index))} (example {int(index)})"
+
     def _decode(self, i: int) -> np.ndarray:
-        return decode_rgb(self.rec.read_example(i)[1], f"{self.rec.reader.rec_path} key {self.rec.key(i)}")
+        return decode_rgb(self.rec.read_example(i)[1], self.where(i))
 
     def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
         idx = _check_indices(indices, len(self), self.name).tolist()
-        whats = [f"{self.rec.reader.rec_path} key {self.rec.key(i)}" for i in idx]
-        return _stack([self._decode(i) for i in idx], self.image_shape, whats)
+        return _stack([self._decode(i) for i in idx], self.image_shape, [self.where(i) for i in idx])
 
     def read_encoded(self, index: int) -> bytes:
         return self.rec.read_example(int(index))[1]
@@ -242,9 +323,15 @@ class FolderSource:
     def read_encoded(self, index: int) -> bytes | None:
         return None if self.size else self.files[int(index)].read_bytes()
 
+    def where(self, index: int) -> str:
+        return str(self.files[int(index)])
+
 
 class TfdsSource:
-    """A TFDS data set prepared in the array_record format, read from its local data_dir only."""
+    """A TFDS data set prepared in the array_record format, read from its local data_dir only.
+
+    Opened with ``tfds.data_source`` (random access to ArrayRecord files, no TensorFlow and no download).
+    """
 
     def __init__(
         self,
@@ -278,13 +365,22 @@ class TfdsSource:
         for key in (image_key, label_key):
             if key not in features:
                 raise ValueError(f"{name}: feature {key!r} not in {list(features.keys())}; pass image_key=/label_key=")
+        file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+        if file_format != "array_record":
+            raise ValueError(
+                f"{name}: TFDS data set {dataset!r} in {builder.data_dir} is stored as {file_format}, but random "
+                f"access (and reading without TensorFlow) needs array_record: rebuild it with `tfds build {dataset} "
+                f"--file_format=array_record --data_dir={data_dir or '<your data_dir>'}`"
+            )
+        opened = {"split": split, "data_dir": data_dir, "download": False,
+                  "builder_kwargs": {"file_format": "array_record"}}
         try:
-            self._decoded = builder.as_data_source(split)
-            self._raw = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()})
+            self._decoded = tfds.data_source(dataset, **opened)
+            self._raw = tfds.data_source(dataset, decoders={image_key: tfds.decode.SkipDecoding()}, **opened)
         except NotImplementedError as e:
             raise ValueError(
                 f"{name}: random access needs the data set prepared as array_record (TFDS >= 4.9, "
-                f"`tfds build {dataset} --file_format=array_record`); it is stored as {builder.info.file_format}"
+                f"`tfds build {dataset} --file_format=array_record`); it is stored as {file_format}"
             ) from e
         self._lock = threading.Lock()  # the data sources are not documented as thread-safe
         shape = features[image_key].shape
@@ -294,14 +390,26 @@ class TfdsSource:
             raise ValueError(f"{name}: images have variable size {shape}; add ',size=N' to the spec to resize")
         else:
             self.image_shape = (shape[0], shape[1], 3)
-        self.labels = self._scan_labels()
         declared = getattr(features[label_key], "num_classes", None)
+        self.labels = check_labels(self._scan_labels(), name, self.where, int(declared) if declared else None)
         self.num_classes = int(declared) if declared else _num_classes(self.labels)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def where(self, index: int) -> str:
+        return f"{self.name} example {int(index)}"
 
     def _scan_labels(self, chunk: int = 4096) -> np.ndarray:
         # Read once through the undecoded source: no image is decoded.
         n = len(self._raw)
-        labels = np.empty(n, np.int32)
+        labels = np.empty(n, np.float64)
         for start in range(0, n, chunk):
             rows = self._raw.__getitems__(list(range(start, min(n, start + chunk))))
             labels[start : start + len(rows)] = [r[self.label_key] for r in rows]
@@ -342,7 +450,7 @@ def _load_npz(name: str, path: str, size: int | None) -> ArraySource:
     images = _to_rgb(images, f"{name}: {path} 'images'")
     if size:
         images = np.stack([_resize(im, size) for im in images]) if len(images) else images.reshape(0, size, size, 3)
-    return ArraySource(name, images, np.asarray(labels).astype(np.int64))
+    return ArraySource(name, images, check_labels(labels, f"{name}: {path} 'label'"))
 
 
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
@@ -402,6 +510,9 @@ class ClassRangeSource:
 
     def read_encoded(self, index: int) -> bytes | None:
         return self._base.read_encoded(int(self._rows[index]))
+
+    def where(self, index: int) -> str:
+        return self._base.where(int(self._rows[index]))
 
 
 def _class_range(spec: str, value: str) -> tuple[int, int]:
