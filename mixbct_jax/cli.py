@@ -39,6 +39,18 @@ def user_error_type(err: BaseException) -> bool:
     return isinstance(err, USER_ERRORS)
 
 
+def snake_case_flags(argv: Sequence[str]) -> list[str]:
+    """``--batch-size 8`` -> ``--batch_size 8``: every command line takes snake_case flags (the style of
+    ``--config.data.global_batch``); the hyphenated spelling of earlier releases keeps working."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2 and not arg.startswith("--config."):
+            name, eq, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
 def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
     """Runs ``main(argv)`` (argv defaults to ``sys.argv[1:]``) and turns user errors into ``error: ...``, exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)

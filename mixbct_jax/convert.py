@@ -1,15 +1,22 @@
-"""Moves backbones between insightface PyTorch state dicts and mixbct-jax run directories.
+"""Moves backbones between insightface PyTorch state dicts (or ONNX models) and mixbct-jax run directories.
 
 Import (a PyTorch old model becomes a run directory that ``checkpoint.load_params`` and ``embed.load_embedder``
 accept like a trained run)::
 
-    python -m mixbct_jax.convert --torch backbone.pth --arch r18 [--embedding-size 512] [--input-size 112] \\
+    python -m mixbct_jax.convert --torch backbone.pth --arch r18 [--embedding_size 512] [--input_size 112] \\
         --out runs/old_r18
 
 Export (a run's backbone becomes a state dict that the reference's ``get_model(arch, num_features=D)`` loads
 with ``strict=True``)::
 
     python -m mixbct_jax.convert --export runs/new_r50 [--arch r50] [--step N] --out backbone_r50.pt
+
+ONNX (IResNets, in the layout of insightface's model packs; ``mixbct_jax/onnx_io.py``)::
+
+    python -m mixbct_jax.convert --onnx w600k_r50.onnx --out runs/old_r50
+    python -m mixbct_jax.convert --export runs/new_r50 --out new_r50.onnx
+
+``--width`` imports a PyTorch IResNet built with scaled stage widths (the tiny models of tests and demos).
 
 The name map is generated from the Flax module tree (``jax.eval_shape``; no weights are materialised) walked in
 PyTorch's module order, so the first mismatching key of a wrong checkpoint is the first one PyTorch would see.
@@ -25,7 +32,7 @@ attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm`` and ``feature.{0,1,2,3}`` (Linea
 BatchNorm1d). Their flatten is token-major in both frameworks, so no rows are permuted::
 
     python -m mixbct_jax.convert --torch vit_s_backbone.pth --arch vit_s --out runs/old_vit_s
-    python -m mixbct_jax.convert --torch tiny.pth --arch vit_tiny --input-size 32 --patch-size 4 --out runs/x
+    python -m mixbct_jax.convert --torch tiny.pth --arch vit_tiny --input_size 32 --patch_size 4 --out runs/x
 
 torch is imported only by the functions that read or write ``.pt`` files, so the package works without it.
 """
@@ -333,7 +340,7 @@ def infer_embedding_size(state_dict: Mapping[str, np.ndarray], arch: str) -> int
     guess = guess_arch(state_dict)
     hint = f"its keys look like {guess}: pass --arch {guess}" if guess and guess != arch else "check --arch"
     raise ValueError(f"cannot infer the embedding size of the {arch} checkpoint: it has no {_embedding_key(arch)!r} "
-                     f"key; {hint}, or pass --embedding-size.")
+                     f"key; {hint}, or pass --embedding_size.")
 
 
 def guess_arch(keys: set[str] | Mapping[str, Any]) -> str | None:
@@ -400,12 +407,12 @@ def _check_keys(backbone: Mapping[str, np.ndarray], leaves: tuple[Leaf, ...], ar
         lines.append(f"Its keys look like {guess}: pass --arch {guess}.")
     ckpt_d = infer_embedding_size(backbone, arch) if _embedding_key(arch) in backbone else None
     if ckpt_d is not None and ckpt_d != embedding_size:
-        lines.append(f"Its embedding size is {ckpt_d} ({_embedding_key(arch)}): pass --embedding-size {ckpt_d}.")
+        lines.append(f"Its embedding size is {ckpt_d} ({_embedding_key(arch)}): pass --embedding_size {ckpt_d}.")
     if arch in models.vit.VARIANTS and "patch_embed.proj.weight" in backbone and "pos_embed" in backbone:
         p = int(np.shape(backbone["patch_embed.proj.weight"])[-1])
         g = int(round(np.shape(backbone["pos_embed"])[1] ** 0.5))
         if (p, g) != (patch_size or models.vit.DEFAULT_PATCH.get(arch, 9), input_size // p):
-            lines.append(f"Its patches are {p}x{p} on a {g}x{g} grid: pass --patch-size {p} --input-size {g * p}.")
+            lines.append(f"Its patches are {p}x{p} on a {g}x{g} grid: pass --patch_size {p} --input_size {g * p}.")
     raise ValueError(" ".join(lines))
 
 
@@ -585,7 +592,7 @@ def converted_config(arch: str, embedding_size: int, input_size: int, source: st
 
 
 def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: str, embedding_size: int | None = None,
-                 input_size: int = 112, patch_size: int = 0) -> ml_collections.ConfigDict:
+                 input_size: int = 112, patch_size: int = 0, width: float = 1.0) -> ml_collections.ConfigDict:
     """Converts a PyTorch backbone file into the run directory ``out``; returns the written config."""
     out = pathlib.Path(out)
     ckpt_dir = out / checkpoint.CHECKPOINT_DIR
@@ -600,9 +607,11 @@ def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: st
         print(f"skipped (not part of the backbone): {describe_skipped(skipped)}")
     if embedding_size is None:
         embedding_size = infer_embedding_size(backbone, arch)
-    variables = torch_to_flax(backbone, arch, embedding_size, input_size, source=f"--torch {torch_path}",
+    variables = torch_to_flax(backbone, arch, embedding_size, input_size, width, source=f"--torch {torch_path}",
                               patch_size=patch_size)
     config = converted_config(arch, embedding_size, input_size, source, patch_size)
+    with config.unlocked():
+        config.model.width = float(width)
     checkpoint.save_model_only(out, config, variables)
     n = sum(x.size for x in jax.tree.leaves(variables["params"]))
     print(f"converted {source} -> {out} ({arch}, D={embedding_size}, input {input_size}, {n / 1e6:.2f}M parameters)")
@@ -628,36 +637,57 @@ def main(argv: list[str] | None = None) -> None:
     """Command line; see the module docstring."""
     parser = argparse.ArgumentParser(
         prog="python -m mixbct_jax.convert",
-        description="Convert insightface PyTorch backbones into mixbct-jax run directories (--torch) and run "
-                    "directories back into PyTorch state dicts (--export).")
+        description="Convert insightface backbones into mixbct-jax run directories (--torch: a PyTorch state dict; "
+                    "--onnx: an ONNX recognition model as insightface's model packs ship them) and run directories "
+                    "back out (--export: a PyTorch state dict, or ONNX when --out ends in .onnx).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--torch", metavar="FILE", help="PyTorch state dict (.pth/.pt) to import")
+    source.add_argument("--onnx", metavar="FILE", help="insightface IResNet ONNX model (.onnx) to import")
     source.add_argument("--export", metavar="RUN_DIR", help="run directory whose backbone to export")
     parser.add_argument("--arch", choices=sorted(models.ARCHS),
                         help="backbone architecture (required with --torch; checked against the run with --export)")
-    parser.add_argument("--embedding-size", type=int, default=None,
+    parser.add_argument("--embedding_size", type=int, default=None,
                         help="D (default: inferred from features.bias)")
-    parser.add_argument("--input-size", type=int, default=None, help="image side the model was trained on (112)")
-    parser.add_argument("--patch-size", type=int, default=None,
+    parser.add_argument("--input_size", type=int, default=None, help="image side the model was trained on (112)")
+    parser.add_argument("--patch_size", type=int, default=None,
                         help="ViTs: patch side (default: the variant's own, 9 for the insightface ViTs)")
+    parser.add_argument("--width", type=float, default=None,
+                        help="IResNets: stage-width multiplier of a scaled-down model (default 1; --onnx reads it)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: latest)")
     parser.add_argument("--out", required=True,
-                        help="--torch: the run directory to create; --export: the .pt file to write")
-    args = parser.parse_args(argv)
+                        help="--torch/--onnx: the run directory to create; --export: the .pt (or .onnx) file to write")
+    from mixbct_jax import cli
+
+    args = parser.parse_args(None if argv is None else cli.snake_case_flags(argv))
     if args.torch is not None:
         if args.arch is None:
             parser.error("--torch needs --arch (e.g. --arch r18)")
         if args.step is not None:
             parser.error("--step applies to --export only")
         import_torch(args.torch, args.out, args.arch, args.embedding_size, args.input_size or 112,
-                     args.patch_size or 0)
+                     args.patch_size or 0, args.width or 1.0)
+    elif args.onnx is not None:
+        from mixbct_jax import onnx_io
+
+        if args.step is not None or args.embedding_size is not None or args.input_size is not None \
+                or args.width is not None or args.patch_size is not None:
+            parser.error("--onnx reads the embedding size, input size and width from the graph; pass only --arch "
+                         "(optional) and --out")
+        onnx_io.import_onnx(args.onnx, args.out, args.arch)
     else:
-        if args.embedding_size is not None or args.input_size is not None or args.patch_size is not None:
-            parser.error("--export reads the embedding, input and patch size from the run's config.json; drop them")
+        if (args.embedding_size is not None or args.input_size is not None or args.patch_size is not None
+                or args.width is not None):
+            parser.error("--export reads the embedding and input size, patch size and width from the run's "
+                         "config.json; drop them")
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a directory; --export writes one file, e.g. --out "
                              f"{os.path.join(args.out, 'backbone.pt')}")
-        export_run(args.export, args.out, args.arch, args.step)
+        if str(args.out).endswith(".onnx"):
+            from mixbct_jax import onnx_io
+
+            onnx_io.export_onnx(args.export, args.out, args.step, arch=args.arch)
+        else:
+            export_run(args.export, args.out, args.arch, args.step)
 
 
 if __name__ == "__main__":

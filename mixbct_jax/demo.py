@@ -114,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--out", default="demo_runs", help="where every stage writes (reused on a second run)")
     p.add_argument("--steps", type=int, default=300, help="train steps per model")
     p.add_argument("--seed", type=int, default=0, help="the runs' seed (initialisation, data order, mixing)")
-    a = p.parse_args(argv)
+    from mixbct_jax import cli
+
+    a = p.parse_args(None if argv is None else cli.snake_case_flags(argv))
     if a.steps < 1:
         p.error(f"--steps must be >= 1, got {a.steps}")
     return run(a.out, steps=a.steps, seed=a.seed)

@@ -166,15 +166,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="repeatable; each needs its own --data")
     parser.add_argument("--data", action="append", required=True, help="data for the matching --protocol")
     parser.add_argument("--out", required=True, help="output folder for report.json, report.md and plots")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--ijb-scale", choices=("reference", "clean"), default="reference",
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--ijb_scale", choices=("reference", "clean"), default="reference",
                         help="IJB input scale: reference (x-127.5)/128 or clean (x-127.5)/127.5")
-    parser.add_argument("--ijb-far-index", choices=("reference", "ceil"), default="reference",
+    parser.add_argument("--ijb_far_index", choices=("reference", "ceil"), default="reference",
                         help="IJB 1:N threshold index: reference int(n*far)-1 or ceil(n*far)-1")
-    parser.add_argument("--ijb-tasks", choices=("1:1", "1:N", "both"), default="both")
-    parser.add_argument("--gallery-fraction", type=float, default=0.5, help="retrieval: per-class gallery share")
+    parser.add_argument("--ijb_tasks", choices=("1:1", "1:N", "both"), default="both")
+    parser.add_argument("--gallery_fraction", type=float, default=0.5, help="retrieval: per-class gallery share")
     parser.add_argument("--workers", type=int, default=8, help="image decoding threads")
-    args = parser.parse_args(argv)
+    from mixbct_jax import cli
+
+    args = parser.parse_args(None if argv is None else cli.snake_case_flags(argv))
     if len(args.protocol) != len(args.data):
         parser.error(f"{len(args.protocol)} --protocol but {len(args.data)} --data; give one --data per protocol")
     results = evaluate(

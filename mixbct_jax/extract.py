@@ -143,12 +143,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     p.add_argument("--scenario", default=None, help="opclass|opdata|exclass|exdata|full; default: the run's")
     p.add_argument("--role", default="new", choices=("new", "old"), help="which side of the scenario to embed")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--flip", default="none", choices=("none", "random"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None)
-    a = p.parse_args(argv)
+    from mixbct_jax import cli
+
+    a = p.parse_args(None if argv is None else cli.snake_case_flags(argv))
     return extract(a.workdir, a.data, a.out, scenario=a.scenario, role=a.role, batch_size=a.batch_size,
                    dtype=a.dtype, flip=a.flip, seed=a.seed, step=a.step)
 

@@ -390,10 +390,14 @@ def flax_to_onnx(variables: Mapping[str, Any], arch: str, embedding_size: int, i
     return model
 
 
-def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None):
+def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
+                arch: str | None = None):
     """Writes the backbone of the run in ``run_dir`` as an ONNX file ``out`` (atomically); returns the model."""
     config, variables = checkpoint.load_params(run_dir, step)
     m = config.model
+    if arch is not None and arch != m.arch:
+        raise ValueError(f"--arch {arch} does not match {run_dir}/config.json model.arch={m.arch!r}; drop --arch "
+                         f"or pick the right run")
     model = flax_to_onnx(variables, m.arch, m.embedding_size, m.input_size, m.get("width", 1.0))
     out = pathlib.Path(out)
     if out.is_dir():

@@ -103,7 +103,7 @@ def _run_ids(labels: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"label {label} appears in two separate runs of rows (starting at rows {int(starts[first])} "
             f"and {int(starts[second])}); the reference denoiser takes each run of equal consecutive "
-            "labels as one class, so rows of a class must be contiguous. Pass --group-by-label "
+            "labels as one class, so rows of a class must be contiguous. Pass --group_by_label "
             "(group_by_label=True) to group rows by label value instead."
         )
     return run_ids
@@ -486,32 +486,34 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--features", required=True, help="[N, D] float .npy of old embeddings")
         p.add_argument("--labels", required=True, help="[N] integer .npy of labels, same row order")
-        p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per pass chunk")
+        p.add_argument("--chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per pass chunk")
         p.add_argument("--quiet", action="store_true", help="no progress on stderr")
         return p
 
     p = add("denoise", "MixBCT credible mask (bool [N] .npy)")
     p.add_argument("--keep", type=float, default=0.9, help="fraction T of each class kept (default 0.9)")
-    p.add_argument("--group-by-label", action="store_true", help="classes by label value, not by runs")
+    p.add_argument("--group_by_label", action="store_true", help="classes by label value, not by runs")
     p.add_argument("--out", required=True, help="output .npy, e.g. credible.npy")
 
     p = add("class-means", "class-mean prototypes for BCT/UniBCT (float32 [C, D] .npy)")
-    p.add_argument("--num-classes", type=int, default=None, help="C (default: max label + 1)")
-    p.add_argument("--no-normalize", action="store_true", help="unnormalised means (UniBCT)")
+    p.add_argument("--num_classes", type=int, default=None, help="C (default: max label + 1)")
+    p.add_argument("--no_normalize", action="store_true", help="unnormalised means (UniBCT)")
     p.add_argument("--out", required=True, help="output .npy, e.g. prototypes.npy")
 
     p = add("advbct-meta", "AdvBCT class centres and radii (.npz)")
-    p.add_argument("--num-classes", type=int, default=None, help="C (default: max label + 1)")
+    p.add_argument("--num_classes", type=int, default=None, help="C (default: max label + 1)")
     p.add_argument("--out", required=True, help="output .npz, e.g. advbct_meta.npz")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
-    args = _parser().parse_args(argv)
+    from mixbct_jax import cli
+
+    args = _parser().parse_args(None if argv is None else cli.snake_case_flags(argv))
     _check_out(args, ".npz" if args.command == "advbct-meta" else ".npy")
     if args.chunk_rows < 1:
-        raise _fail(args.command, f"--chunk-rows must be >= 1; got {args.chunk_rows}")
+        raise _fail(args.command, f"--chunk_rows must be >= 1; got {args.chunk_rows}")
     features, labels = _load_inputs(args)
     common = dict(chunk_rows=args.chunk_rows, verbose=not args.quiet)
     start = time.monotonic()

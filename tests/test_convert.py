@@ -252,7 +252,7 @@ def test_r50_import_matches_pytorch(tmp_path):
     state["module.cls_fc.weight"] = torch.zeros(10, 512)
     torch.save({"state_dict": state, "epoch": 3}, path)
     out = tmp_path / "old_r50"
-    convert.main(["--torch", str(path), "--arch", "r50", "--embedding-size", "512", "--out", str(out)])
+    convert.main(["--torch", str(path), "--arch", "r50", "--embedding_size", "512", "--out", str(out)])
     config, variables = checkpoint.load_params(out)
     n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
     assert n_params + 512 == 43_590_848  # SPEC §9, counting PyTorch's frozen gamma that Flax does not store
@@ -347,8 +347,8 @@ def test_wrong_embedding_size_names_both_shapes(r18_file, tmp_path):
     path, _ = r18_file
     with pytest.raises(ValueError, match=r"fc\.weight: the checkpoint has shape \(128, 25088\), r18 "
                                          r"\(embedding_size=256, input_size=112\) expects \(256, 25088\)"
-                                         r".*--embedding-size 128"):
-        convert.main(["--torch", str(path), "--arch", "r18", "--embedding-size", "256", "--out", str(tmp_path / "x")])
+                                         r".*--embedding_size 128"):
+        convert.main(["--torch", str(path), "--arch", "r18", "--embedding_size", "256", "--out", str(tmp_path / "x")])
 
 
 def test_deeper_checkpoint_lists_unexpected_keys():

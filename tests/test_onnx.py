@@ -154,3 +154,32 @@ def test_package_onnx_module_imports_without_onnx_runtime_use():
 
     code = "import sys, mixbct_jax.onnx_io; assert 'onnx' not in sys.modules, 'onnx imported at module load'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
+
+
+def test_convert_command_line_imports_and_exports_onnx(r18_pack, tmp_path):
+    """`convert --onnx` makes a run directory; `convert --export RUN --out x.onnx` writes ONNX back."""
+    path, net = r18_pack
+    convert.main(["--onnx", str(path), "--out", str(tmp_path / "run")])
+    convert.main(["--export", str(tmp_path / "run"), "--out", str(tmp_path / "again.onnx")])
+    x, xt = images(seed=9, n=2)
+    np.testing.assert_allclose(run_onnx(onnx.load(str(tmp_path / "again.onnx")), xt.numpy()),
+                               torch_embed(net, xt), rtol=0, atol=1e-4)
+    with pytest.raises(SystemExit):  # argparse usage error: the graph says what these are
+        convert.main(["--onnx", str(path), "--embedding_size", "128", "--out", str(tmp_path / "x")])
+
+
+def test_convert_width_imports_a_scaled_down_torch_iresnet(tmp_path):
+    """`--width 0.25` round trip of a scaled-down IResNet through a PyTorch file."""
+    import jax
+    import jax.numpy as jnp
+
+    net = models.build("r_tiny", embedding_size=16, input_size=32, width=0.25)
+    variables = jax.tree.map(np.asarray, net.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False))
+    state = convert.flax_to_torch(variables, "r_tiny", 16, 32, 0.25)
+    convert.save_torch_state_dict(state, tmp_path / "tiny.pt")
+    convert.main(["--torch", str(tmp_path / "tiny.pt"), "--arch", "r_tiny", "--input-size", "32", "--width", "0.25",
+                  "--out", str(tmp_path / "run")])  # the hyphenated spelling still works
+    config, back = checkpoint.load_params(tmp_path / "run")
+    assert config.model.width == 0.25
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, b)

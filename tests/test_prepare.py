@@ -159,7 +159,7 @@ def test_denoise_ties_keep_the_earlier_row():
 def test_denoise_label_in_two_runs_raises():
     features, _ = _grouped_data(seed=6, sizes=(3, 4, 2))
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 0, 0])
-    with pytest.raises(ValueError, match=r"label 0 appears in two separate runs.*rows 0 and 7.*--group-by-label"):
+    with pytest.raises(ValueError, match=r"label 0 appears in two separate runs.*rows 0 and 7.*--group_by_label"):
         prepare.denoise(features, labels)
 
 
@@ -253,7 +253,7 @@ def test_cli_round_trip(tmp_path, capsys):
 
     np.save(tmp_path / "labels.npy", sorted_labels)
     with pytest.warns(UserWarning, match="1 of 7 classes have no example"):
-        prepare.main(["class-means", *inputs, "--num-classes", "7", "--quiet", "--out", str(tmp_path / "p.npy")])
+        prepare.main(["class-means", *inputs, "--num_classes", "7", "--quiet", "--out", str(tmp_path / "p.npy")])
     np.testing.assert_allclose(
         np.load(tmp_path / "p.npy"), ref_class_means(features, sorted_labels, 7, True), atol=1e-6
     )

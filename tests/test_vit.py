@@ -238,7 +238,7 @@ def test_tiny_vit_export_import_round_trip(tmp_path):
 
 def test_wrong_patch_size_is_named(tmp_path):
     state = {k: v.numpy() for k, v in TorchViT(64, 2, 4, 32, input_size=32, patch=8).state_dict().items()}
-    with pytest.raises(ValueError, match=r"First mismatch: pos_embed.*pass --patch-size 8 --input-size 32"):
+    with pytest.raises(ValueError, match=r"First mismatch: pos_embed.*pass --patch_size 8 --input_size 32"):
         convert.torch_to_flax(state, "vit_tiny", input_size=32)
     with pytest.raises(ValueError, match="pass --arch vit_s"):
         convert.torch_to_flax({k: np.zeros(v.shape, np.float32) for k, v in convert.flax_to_torch(

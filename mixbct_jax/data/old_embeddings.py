@@ -239,7 +239,7 @@ def _validate_per_class(
         raise ValueError(
             f"{what} in {where} has shape {array.shape} but {readable} is needed (C = the training "
             f"set's class count, D = the old features' dimension); re-run `{command}` with "
-            "--num-classes set to the training set's class count"
+            "--num_classes set to the training set's class count"
         )
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise ValueError(f"{what} in {where} contains NaN or Inf; re-run `{command}`")
