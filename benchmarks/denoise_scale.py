@@ -1,4 +1,4 @@
-"""Scale benchmark of the old-embedding tools at MS1MV3 size (SPEC §5.3): time and peak memory.
+"""Scale benchmark of the old-embedding tools at MS1MV3 size (docs/methods.md (MixBCT)): time and peak memory.
 
 Writes a 5,000,000 x 512 float16 feature file (about 4.9 GiB) with 93,431 classes of uneven,
 MS1MV3-like sizes (mean ~54, rows of a class consecutive) to a temporary folder, then, in a fresh

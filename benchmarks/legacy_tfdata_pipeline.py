@@ -5,12 +5,12 @@ it. Needs TensorFlow (``pip install -e ".[tf]"``). Its docstring follows.
 
 The tf.data input pipeline: deterministic, resumable global batches of decoded uint8 images.
 
-Order (SPEC §1.4, as a global permutation instead of the reference's per-rank strided sampler): epoch ``e`` is
+Order (docs/data.md (data order), as a global permutation instead of the reference's per-rank strided sampler): epoch ``e`` is
 the permutation ``np.random.default_rng([seed, e]).permutation(n)`` of the subset, cut into global batches of
 ``global_batch`` with the remainder dropped; step ``s`` is batch ``s % steps_per_epoch`` of epoch
 ``s // steps_per_epoch``. The order is a pure function of ``(seed, step)``, so starting at ``start_step`` resumes
 exactly, skipping at the index level without decoding. Process ``p`` of ``P`` yields the contiguous slice
-``[p·B/P, (p+1)·B/P)`` of every global batch. The horizontal flip (p = 0.5, SPEC §1.3) is a hash of
+``[p·B/P, (p+1)·B/P)`` of every global batch. The horizontal flip (p = 0.5, docs/data.md (augmentation)) is a hash of
 ``(seed, epoch, subset index)``, so it is reproducible as well.
 
 How images are produced:
@@ -270,7 +270,7 @@ def eval_batches(
       subset: which examples (None: the whole source).
       batch_size: global batch size; must be divisible by ``process_count``.
       flip: flip with the stateless coin of ``(seed, 0, index)`` (the reference extracts old features with the
-        training flip on, SPEC §8.7).
+        training flip on, docs/deviations.md §8.7).
       seed: the flip seed.
       pad_last: pad the last batch to full size.
       process_index: this process's rank.

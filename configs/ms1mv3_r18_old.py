@@ -1,4 +1,4 @@
-r"""The paper's old models: IResNet-18 on the old side of an MS1MV3 split (SPEC §7.2, §4.0).
+r"""The paper's old models: IResNet-18 on the old side of an MS1MV3 split (docs/methods.md (settings per method)).
 
   python -m mixbct_jax.train --config configs/ms1mv3_r18_old.py:loss=arc,dim=512,split=class30 \
       --workdir runs/f512_r18_arc_class30 --config.data.source=rec:/data/ms1m-retinaface-t1/train

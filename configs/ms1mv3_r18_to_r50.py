@@ -1,4 +1,4 @@
-r"""The paper's new models: IResNet-50 trained against an r18 old model with MixBCT or a baseline (SPEC §4, §7.3).
+r"""The paper's new models: IResNet-50 trained against an r18 old model with MixBCT or a baseline (docs/methods.md).
 
   python -m mixbct_jax.train \
       --config configs/ms1mv3_r18_to_r50.py:method=mixbct,scenario=opclass,old=arc,dim=512 \
@@ -15,7 +15,7 @@ r"""The paper's new models: IResNet-50 trained against an r18 old model with Mix
 Arguments (comma-separated k=v):
   method=mixbct (default) | none (the new model's upper bound without compatibility; with scenario=exdata it
          is the reference's f*_r50_arc_data100) | l2 | weakened_l2 | bct | unibct | nccl | advbct;
-  scenario=opclass|opdata|exclass|exdata (the new model trains on class70/data70/full/full, SPEC §1.6);
+  scenario=opclass|opdata|exclass|exdata (the new model trains on class70/data70/full/full, docs/data.md (scenarios));
   old=arc|softmax (the old model's loss; only the suggested old run directory differs); dim=128|256|512.
 
 Per method, the arrays it needs (docs/methods.md; all from `python -m mixbct_jax.extract` on the new model's
@@ -26,7 +26,7 @@ training set, then `python -m mixbct_jax.prepare`):
   advbct: --config.old.features and --config.old.advbct_meta (prepare advbct-meta)
 
 New backbone: new_arch=r50 (default, the paper's) or any backbone of mixbct_jax.models.ARCHS, e.g. a ViT
-(new_arch=vit_s; vit_t, vit_b, vit_l): insightface's ViT (SPEC §2.4: patch 9 on 112x112, token masking and drop
+(new_arch=vit_s; vit_t, vit_b, vit_l): insightface's ViT (the reference MixBCT code's backbones/vit.py: patch 9 on 112x112, token masking and drop
 path in training only), embedding size D as the old model's. TPU/GPU settings for a ViT new model (override on the
 command line): --config.model.dtype=bfloat16 (bf16 matmuls, fp32 parameters, attention softmax, LayerNorms and
 head in fp32); --config.model.remat=on|off|auto (jax.checkpoint per block; auto = on for the 24-block vit_b/vit_l,

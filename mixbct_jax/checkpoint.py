@@ -11,7 +11,7 @@ two items per step:
 * ``data`` (JSON): the input iterator's state (``pipeline.data_state``: step, seed, batch, subset, ...), checked
   on resume so a resumed run continues with exactly the batches it would have seen.
 
-Old embeddings and other per-example arrays are never stored here (DESIGN §4).
+Old embeddings and other per-example arrays are never stored here (the train step's design (README, Several GPUs)).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # rec:<prefix> | tfds:<name>[:split] | folder:<dir> | npz:<file> | synthetic[:k=v,..]
-    c.data.scenario = "full"  # full | opclass | opdata | exclass | exdata (SPEC §1.6)
+    c.data.scenario = "full"  # full | opclass | opdata | exclass | exdata (docs/data.md (scenarios))
     c.data.role = "old"  # which side of the scenario this run trains on: old | new
     c.data.split_ratio = 0.3  # the old side's share of the classes (opclass/exclass) or images (opdata/exdata)
     c.data.global_batch = 1024  # 128 per GPU x 8 in the reference
@@ -64,19 +64,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.bct = ml_collections.ConfigDict()  # docs/methods.md explains every field and each reference quirk
     c.bct.method = "none"  # none | mixbct | l2 | bct | unibct | nccl | advbct
     c.bct.mix_ratio = 0.3  # MixBCT: share of each device's rows replaced by credible old embeddings
-    # L2 / weakened L2 (SPEC §4.1): weight x mean hinge of ||n(o) - n(e)|| above the threshold.
+    # L2 / weakened L2 (docs/methods.md (L2)): weight x mean hinge of ||n(o) - n(e)|| above the threshold.
     c.bct.l2_weight = 10.0  # weight of the L2 hinge
     c.bct.l2_threshold = 0.0  # 0: "L2"; 0.2: "weakened L2"
-    # BCT / UniBCT influence loss (SPEC §4.2): CE of n(e) . prototypes (no scale, no margin).
+    # BCT / UniBCT influence loss (docs/methods.md (BCT)): CE of n(e) . prototypes (no scale, no margin).
     c.bct.influence_weight = 1.0  # weight of the influence loss
-    # UniBCT (SPEC §4.3)
+    # UniBCT (docs/methods.md (UniBCT))
     c.bct.unibct_start_epoch = 10  # influence loss weight 0 before this epoch
     c.bct.unibct_refine_epochs = (10, 20)  # prototype refinement at the start of these epochs
     c.bct.unibct_affinity = "row"  # "row": row-stochastic affinity (paper); "column": reference (= class mean)
     c.bct.unibct_lambda = 0.9  # propagation weight of (1 - lam)(I - lam A)^-1
     c.bct.unibct_temperature = 0.05  # affinity temperature on cosines of the new features
     c.bct.unibct_normalize_prototypes = False  # reference: refined prototypes stay unnormalised
-    # NCCL (SPEC §4.4)
+    # NCCL (docs/methods.md (NCCL))
     c.bct.nccl_queue_size = 8192  # Q, >= the global batch
     c.bct.nccl_alpha = 1.0  # embedding-level loss weight
     c.bct.nccl_beta = 0.01  # logit-level loss weight
@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.bct.nccl_clamp_logits = False  # reference: True (clamps the x s logits to [-1, 1], an fp16-branch artefact)
     c.bct.nccl_amplify_grad = False  # reference: True (the embedding-level gradient arrives x #devices)
     c.bct.nccl_count_empty_slots = False  # reference: True (empty queue slots enter the softmax denominators)
-    # AdvBCT (SPEC §4.5)
+    # AdvBCT (docs/methods.md (AdvBCT))
     c.bct.advbct_threshold = 0.4  # radius threshold of the boundary loss
     c.bct.advbct_p2s_weight = 4.0  # point-to-set boundary loss weight
     c.bct.advbct_adv_weight = 4.0  # adversarial loss weight, decayed by (E - e + 1) / E
@@ -120,7 +120,7 @@ METHOD_PRESETS = ("mixbct", "none", "l2", "weakened_l2", "bct", "unibct", "nccl"
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
-    """Sets ``c.bct`` and the schedule for ``method`` as the reference's configs do (SPEC §7.3).
+    """Sets ``c.bct`` and the schedule for ``method`` as the reference's configs do (docs/methods.md (settings per method)).
 
     ``weakened_l2`` is the L2 method with threshold 0.2; BCT keeps the reference's ``warmup_epoch = -1`` quirk
     (its learning rate starts at 0.1 * (35/36)^2); UniBCT uses StepLR at epochs 20/26/32.

@@ -453,10 +453,10 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, embedding_siz
             continue
         x = np.asarray(backbone[leaf.torch_key], dtype=np.float32)
         if leaf.layout == "ones":
-            # The Flax head BatchNorm1d has no scale because the reference freezes it at 1 (SPEC §2.1).
+            # The Flax head BatchNorm1d has no scale because the reference freezes it at 1 (the reference MixBCT code's backbones/iresnet.py).
             if not np.allclose(x, 1.0, rtol=0, atol=1e-6):
                 raise ValueError(f"{source}: {leaf.torch_key} must be all ones (the frozen gamma of the head "
-                                 f"BatchNorm1d, SPEC §2.1) but ranges over [{x.min():.6g}, {x.max():.6g}]; this "
+                                 f"BatchNorm1d, the reference MixBCT code's backbones/iresnet.py) but ranges over [{x.min():.6g}, {x.max():.6g}]; this "
                                  f"model trained its gamma and {arch} in mixbct-jax cannot represent it.")
             continue
         flat[leaf.flax_path] = np.ascontiguousarray(_to_flax(leaf, x))
@@ -584,7 +584,7 @@ def converted_config(arch: str, embedding_size: int, input_size: int, source: st
     config.data = ml_collections.ConfigDict(dict(
         input_scale="clean",
         input_scale_note=("insightface models are trained on (x/255-0.5)/0.5 = (x-127.5)/127.5 ('clean'); the "
-                          "reference IJB-C script feeds (x-127.5)/128 ('reference', SPEC §8.19). Choose the "
+                          "reference IJB-C script feeds (x-127.5)/128 ('reference', docs/deviations.md §8.19). Choose the "
                           "evaluation scale explicitly when reproducing the reference's numbers."),
     ))
     config.converted_from = str(source)

@@ -5,10 +5,10 @@
 
 writes ``features.npy`` [N, D] (float32, or float16 with ``--dtype float16``) and ``labels.npy`` [N] int32, both
 memory-mappable, where row ``i`` is example ``index == i`` of the chosen subset: exactly what the trainer
-gathers per batch for MixBCT and the other methods (SPEC §5.1). BatchNorm runs in inference mode.
+gathers per batch for MixBCT and the other methods (docs/data.md (extraction)). BatchNorm runs in inference mode.
 
 By default images are not flipped; ``--flip random`` reproduces the reference, which extracts with the
-training transform and so flips each image with probability 0.5 (SPEC §8.7).
+training transform and so flips each image with probability 0.5 (docs/deviations.md §8.7).
 
 Resumable: rows are written into ``features.npy.partial`` (a memory-mapped .npy) and a small progress file
 records how many are done; a killed extraction continues where it stopped when the same command is rerun. The

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedules (SPEC §3.4-3.5).
+"""Optimizer and learning-rate schedules (docs/methods.md (optimiser)-3.5).
 
 SGD with momentum 0.9 (PyTorch semantics: ``buf = 0.9 buf + g``, ``p -= lr buf``), coupled weight decay added to
 the gradient before momentum, and a global-norm clip that covers the backbone's parameter group only and is

@@ -1,4 +1,4 @@
-"""Old-embedding pre-processing: credible mask, class means and AdvBCT class meta (SPEC §4.5, §5.2, §5.3).
+"""Old-embedding pre-processing: credible mask, class means and AdvBCT class meta (docs/methods.md: MixBCT, BCT, AdvBCT).
 
 Each tool is a plain NumPy function over a (possibly memory-mapped) ``[N, D]`` feature array, plus a
 subcommand of this module's command line::
@@ -28,7 +28,7 @@ import scipy.sparse
 from mixbct_jax.files import atomic_write
 from mixbct_jax.progress import Progress
 
-# Row- and column-normalisation guard, as SPEC's "row-L2-normalise": x / max(||x||, 1e-12).
+# Row- and column-normalisation guard, as the reference's "row-L2-normalise": x / max(||x||, 1e-12).
 _EPS = 1e-12
 DEFAULT_CHUNK_ROWS = 16384  # 16384 x 512 float64 = 64 MiB per buffer.
 
@@ -84,7 +84,7 @@ def _check_class_labels(labels: np.ndarray, num_classes: int | None) -> int:
 
 
 def _run_ids(labels: np.ndarray) -> np.ndarray:
-    """Class id per row = index of its maximal run of equal consecutive labels (SPEC §5.3 step 3).
+    """Class id per row = index of its maximal run of equal consecutive labels (docs/methods.md (MixBCT) step 3).
 
     Raises:
       ValueError: a label value occurs in two separate runs (the reference would silently treat
@@ -226,7 +226,7 @@ def denoise(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     verbose: bool = False,
 ) -> np.ndarray:
-    """MixBCT's credible mask: the ``ceil(keep * n)`` rows of each class nearest its mean (SPEC §5.3).
+    """MixBCT's credible mask: the ``ceil(keep * n)`` rows of each class nearest its mean (docs/methods.md (MixBCT)).
 
     The features are row-L2-normalised, then each column is divided by its L2 norm over all N rows
     (zero columns unchanged). A class is a maximal run of equal consecutive labels in file order (or,
@@ -301,7 +301,7 @@ def class_means(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     verbose: bool = False,
 ) -> np.ndarray:
-    """Per-class mean of the raw old features, row-L2-normalised (SPEC §5.2; BCT/UniBCT prototypes).
+    """Per-class mean of the raw old features, row-L2-normalised (docs/methods.md (BCT); BCT/UniBCT prototypes).
 
     Row c is class c. A class without any example gets a zero row and a warning. (The reference
     divides its last class by n-1; the normalisation makes that irrelevant, so plain means are used.)
@@ -311,7 +311,7 @@ def class_means(
       labels: [N] integer class ids in [0, num_classes).
       num_classes: C; defaults to max(labels) + 1.
       normalize: row-L2-normalise the means (BCT); False gives the unnormalised means that UniBCT's
-        refined prototypes equal (SPEC §4.3).
+        refined prototypes equal (docs/methods.md (UniBCT)).
       chunk_rows: rows per streaming chunk.
       verbose: print progress with an ETA to stderr.
 
@@ -346,7 +346,7 @@ def advbct_meta(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     verbose: bool = False,
 ) -> dict[str, np.ndarray]:
-    """AdvBCT's per-class centre and IQR-filtered radius (SPEC §4.5 "offline meta").
+    """AdvBCT's per-class centre and IQR-filtered radius (docs/methods.md (AdvBCT) "offline meta").
 
     Features are row-L2-normalised; a class centre is the mean of its normalised rows (not
     renormalised); radii are distances to the centre. For a class of n >= 4 rows with sorted radii r,
@@ -478,7 +478,7 @@ def _check_out(args: argparse.Namespace, suffix: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mixbct_jax.prepare",
-        description="Pre-process old embeddings (SPEC §4.5, §5.2, §5.3).",
+        description="Pre-process old embeddings (docs/methods.md: MixBCT, BCT, AdvBCT).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

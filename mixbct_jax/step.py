@@ -1,4 +1,4 @@
-"""The per-device train step (a pure function) and how it is parallelised (DESIGN §4).
+"""The per-device train step (a pure function) and how it is parallelised (the train step's design (README, Several GPUs)).
 
 ``train_step_body`` is one device's program with the named axis ``'data'``: it sees its local batch rows and
 its shard of the class centres, and communicates through collectives. ``Parallel`` runs it either as

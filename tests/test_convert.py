@@ -1,4 +1,4 @@
-"""PyTorch <-> Flax backbone conversion: numerical parity against PyTorch models written here from SPEC §2.1/§2.3.
+"""PyTorch <-> Flax backbone conversion: numerical parity against PyTorch models written here from the reference MixBCT code's backbones/iresnet.py/§2.3.
 
 The PyTorch models below are minimal re-statements of the insightface backbones (same module names, so the same
 state-dict keys). All weights, BatchNorm affine parameters, running statistics and PReLU slopes are random, so a
@@ -27,7 +27,7 @@ STAGES = {"r18": (2, 2, 2, 2), "r50": (3, 4, 14, 3)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PyTorch reference models (SPEC §2.1, §2.3), insightface module names
+# PyTorch reference models (the reference MixBCT code's backbones/iresnet.py and mobilefacenet.py), insightface module names
 # ---------------------------------------------------------------------------------------------------------------
 
 class TorchBasicBlock(tnn.Module):
@@ -98,7 +98,7 @@ def _depthwise(cin, cout, g, s, residual=False):
 
 
 class TorchMobileFaceNet(tnn.Module):
-    """``mbf`` (blocks (1,4,6,2), scale 2), SPEC §2.3."""
+    """``mbf`` (blocks (1,4,6,2), scale 2), the reference MixBCT code's backbones/mobilefacenet.py."""
 
     def __init__(self, embedding_size: int):
         super().__init__()
@@ -255,7 +255,7 @@ def test_r50_import_matches_pytorch(tmp_path):
     convert.main(["--torch", str(path), "--arch", "r50", "--embedding_size", "512", "--out", str(out)])
     config, variables = checkpoint.load_params(out)
     n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
-    assert n_params + 512 == 43_590_848  # SPEC §9, counting PyTorch's frozen gamma that Flax does not store
+    assert n_params + 512 == 43_590_848  # the reference's documented toy example, counting PyTorch's frozen gamma that Flax does not store
     x, xt = images(seed=4)
     net = models.build("r50", embedding_size=512)
     assert_parity(flax_embed(net, variables, x), torch_embed(model, xt), "r50 torch->flax")
@@ -315,7 +315,7 @@ def test_leaf_map_covers_every_arch(arch, millions):
     assert len(keys) == len(set(keys))
     n = sum(int(np.prod(leaf.torch_shape)) for leaf in leaves
             if not leaf.torch_key.endswith(("running_mean", "running_var", "num_batches_tracked")))
-    if millions is not None:  # SPEC §2.1 parameter counts (D=512, frozen gamma included)
+    if millions is not None:  # the reference MixBCT code's backbones/iresnet.py parameter counts (D=512, frozen gamma included)
         assert round(n / 1e6, 2) == millions
 
 

@@ -230,7 +230,7 @@ def _reference_templates(info, feats):
 
 
 def _reference_1n(probes, gallery, fars):
-    """Per-probe loop following SPEC §6.1 (probes/gallery: lists of (subject, feature))."""
+    """Per-probe loop following docs/deviations.md §5 (IJB-C) (probes/gallery: lists of (subject, feature))."""
     g_ids = np.array([s for s, _ in gallery])
     g = np.stack([f for _, f in gallery])
     pos, correct, nonmated, hits = [], [], [], {1: 0, 5: 0, 10: 0}

@@ -1,4 +1,4 @@
-"""Margin functions against SPEC §3.1's reference values; the inter-class filter and PartialFC sampling of the
+"""Margin functions against docs/methods.md (the margin head)'s reference values; the inter-class filter and PartialFC sampling of the
 sharded head against NumPy full-softmax references, on 1 and 4 devices."""
 
 import math

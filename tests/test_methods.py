@@ -1,4 +1,4 @@
-"""The baseline BCT methods (L2, BCT, UniBCT, NCCL, AdvBCT) against NumPy computations of SPEC §4's formulas.
+"""The baseline BCT methods (L2, BCT, UniBCT, NCCL, AdvBCT) against NumPy computations of docs/methods.md's formulas.
 
 Loss values are compared with NumPy re-implementations written here; gradients with central finite differences of
 those NumPy functions (float64). Collective code runs in a 4-device ``shard_map`` exactly as inside the step.
@@ -37,7 +37,7 @@ def logsumexp(x, axis):
 
 
 def np_arcface(cos, labels, s=64.0, m=0.5):
-    """SPEC §3.1: target cos(theta + m), or c - sin(pi - m) m past cos(pi - m); everything x s."""
+    """docs/methods.md (the margin head): target cos(theta + m), or c - sin(pi - m) m past cos(pi - m); everything x s."""
     out = cos.copy()
     rows = np.arange(len(labels))
     c = cos[rows, labels]
@@ -115,7 +115,7 @@ def test_l2_loss_and_gradient_match_numpy(threshold):
 # BCT and UniBCT
 # ---------------------------------------------------------------------------------------------------------------
 def np_influence(emb, labels, prototypes):
-    """SPEC §4.2: mean CE of raw cosines n(e) . P^T over the C real classes."""
+    """docs/methods.md (BCT): mean CE of raw cosines n(e) . P^T over the C real classes."""
     logits = nrm(emb) @ prototypes.T
     return np.mean(logsumexp(logits, axis=1) - logits[np.arange(len(labels)), labels])
 
@@ -158,7 +158,7 @@ def test_unibct_weight_is_zero_before_start_epoch():
 
 
 def np_refine_loop(v_new, v_old, labels, lam, temperature, axis):
-    """SPEC §4.3 step 4, one class at a time with an explicit inverse."""
+    """docs/methods.md (UniBCT) step 4, one class at a time with an explicit inverse."""
     out = np.zeros((labels.max() + 1, v_old.shape[1]))
     for c in np.unique(labels):
         vn, vo = v_new[labels == c], v_old[labels == c]
@@ -252,7 +252,7 @@ def np_soft_contrastive(sim, weights, positive, valid):
 
 
 def np_nccl(emb, old, labels, centres, queue, cfg):
-    """SPEC §4.4: enqueue the global batch at the pointer, then alpha * mean l1 + beta * mean l2."""
+    """docs/methods.md (NCCL): enqueue the global batch at the pointer, then alpha * mean l1 + beta * mean l2."""
     feats, qlabels, logits = (a.copy() for a in queue[:3])
     ptr = queue[3]
     slots = (ptr + np.arange(len(labels))) % len(qlabels)

@@ -1,4 +1,4 @@
-"""MixBCT's mix-up (SPEC §4.6, §9): exactly int(b·α) credible rows replaced, no gradient through them."""
+"""MixBCT's mix-up (docs/methods.md (MixBCT)): exactly int(b·α) credible rows replaced, no gradient through them."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Backbones by shape and parameter count (SPEC §2.1, §9)."""
+"""Backbones by shape and parameter count (the reference MixBCT code's backbones/iresnet.py)."""
 
 import jax
 import jax.numpy as jnp

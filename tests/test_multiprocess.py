@@ -1,4 +1,4 @@
-"""Multi-host training on localhost: two processes x 2 CPU devices == one process x 4 devices (DESIGN §7).
+"""Multi-host training on localhost: two processes x 2 CPU devices == one process x 4 devices (docs/data.md).
 
 Two ``python -m mixbct_jax.train`` processes join through ``--coordinator/--num_processes/--process_id``; JAX's CPU
 collectives (gloo, the default of ``jax_cpu_collectives_implementation``) carry the step's psums and all-gathers

@@ -7,6 +7,7 @@ not on the path (only the wheel's copy of ``mixbct_jax`` is importable there).
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,9 +21,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> pathlib.Path:
+    # Built from a copy of what the wheel is made of: setuptools leaves build/ behind in the source tree, and a
+    # stale build/ could hide a module missing from pyproject.toml.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("mixbct_jax", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, cwd=tmp_path_factory.mktemp("build"))
+                    str(src)], check=True, cwd=src)
     (whl,) = out.glob("mixbct_jax-*.whl")
     return whl
 

@@ -1,4 +1,4 @@
-"""prepare.py against loop-based re-implementations of SPEC §5.3 (denoise), §5.2 (class means), §4.5 (AdvBCT)."""
+"""prepare.py against loop-based re-implementations of the reference's denoise, class-means and AdvBCT-meta tools (docs/methods.md)."""
 
 import math
 import os
@@ -26,7 +26,7 @@ def _col_normalise(x):
 
 
 def ref_denoise(features, labels, keep, *, per_class_columns=False):
-    """SPEC §5.3 with a loop over runs of equal consecutive labels; ties kept in file order."""
+    """docs/methods.md (MixBCT) with a loop over runs of equal consecutive labels; ties kept in file order."""
     x = _row_normalise(np.asarray(features, np.float64))
     if not per_class_columns:
         x = _col_normalise(x)
@@ -120,7 +120,7 @@ def test_denoise_keep_counts_per_class():
     features, labels = _grouped_data(seed=2)
     mask = prepare.denoise(features, labels, keep=0.9)
     kept = [int(mask[labels == value].sum()) for value in dict.fromkeys(labels)]
-    # SPEC §9: n=10 keeps 9, n=1 keeps 1; and ceil(0.9 n) for the others (n=11 keeps 10).
+    # the reference's documented toy example: n=10 keeps 9, n=1 keeps 1; and ceil(0.9 n) for the others (n=11 keeps 10).
     assert kept == [1, 2, 3, 9, 10, 34]
 
 

@@ -1,4 +1,4 @@
-"""RecordIO container, IRHeader and the insightface data-set view (SPEC §1.1-1.2, §9 RecordIO)."""
+"""RecordIO container, IRHeader and the insightface data-set view (docs/data.md (insightface .rec/.idx))."""
 
 import os
 import pickle

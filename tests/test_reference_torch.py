@@ -49,7 +49,7 @@ RTOL = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PyTorch IResNet (SPEC §2.1), insightface module names, stage widths scaled for a tiny test model
+# PyTorch IResNet (the reference MixBCT code's backbones/iresnet.py), insightface module names, stage widths scaled for a tiny test model
 # ---------------------------------------------------------------------------------------------------------------
 class Block(tnn.Module):
     def __init__(self, cin: int, planes: int, stride: int):
@@ -95,7 +95,7 @@ class TinyIResNet(tnn.Module):
 # The reference's step on W simulated ranks
 # ---------------------------------------------------------------------------------------------------------------
 def arcface(cos, target_col, s=64.0, m=0.5):
-    """SPEC §3.1: target cosine -> cos(theta + m), or c - sin(pi - m) m past cos(pi - m); all logits x s."""
+    """docs/methods.md (the margin head): target cosine -> cos(theta + m), or c - sin(pi - m) m past cos(pi - m); all logits x s."""
     rows = torch.nonzero(target_col >= 0).flatten()
     out = cos.clone()
     c = cos[rows, target_col[rows]]
@@ -106,7 +106,7 @@ def arcface(cos, target_col, s=64.0, m=0.5):
 
 
 def poly_lr(t, *, base=0.1, warmup, total, power=2):
-    """SPEC §3.5's PolyScheduler at counter t (a negative warm-up never takes the warm-up branch)."""
+    """docs/methods.md (schedules)'s PolyScheduler at counter t (a negative warm-up never takes the warm-up branch)."""
     if t < warmup:
         return base * t / warmup
     return base * (1 - (t - warmup) / (total - warmup)) ** power

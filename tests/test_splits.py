@@ -1,4 +1,4 @@
-"""Class and data splits and the scenario table (SPEC §1.5-1.6, §9 Split)."""
+"""Class and data splits and the scenario table (docs/data.md (scenarios))."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from mixbct_jax.data import splits
 
 
 def _naive_data_split(labels, ratio):
-    """A direct transcription of SPEC §1.5 (Python loop, Python round) as the reference."""
+    """A direct transcription of docs/data.md (scenarios) (Python loop, Python round) as the reference."""
     counts, seen, part30, part70 = {}, {}, [], []
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1

@@ -1,7 +1,7 @@
-"""ViT backbones (SPEC §2.4): parameter counts, PyTorch parity both ways, train-only randomness, and a tiny ViT
+"""ViT backbones (the reference MixBCT code's backbones/vit.py): parameter counts, PyTorch parity both ways, train-only randomness, and a tiny ViT
 through train -> extract -> evaluate.
 
-``TorchViT`` below re-states insightface's ``backbones/vit.py`` from SPEC §2.4 with its module names, so its
+``TorchViT`` below re-states insightface's ``backbones/vit.py`` from the reference MixBCT code's backbones/vit.py with its module names, so its
 state-dict keys (and their order) are the ones a real insightface ViT checkpoint has.
 """
 
@@ -26,7 +26,7 @@ MAX_ABS = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PyTorch reference (SPEC §2.4), insightface module names
+# PyTorch reference (the reference MixBCT code's backbones/vit.py), insightface module names
 # ---------------------------------------------------------------------------------------------------------------
 
 class TorchAttention(tnn.Module):

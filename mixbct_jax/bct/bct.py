@@ -1,4 +1,4 @@
-"""BCT: the influence loss against a frozen, synthesised old classifier (SPEC §4.2).
+"""BCT: the influence loss against a frozen, synthesised old classifier (docs/methods.md (BCT)).
 
 The old classifier is the row-L2-normalised class means of the old embeddings of the new training set
 (``python -m mixbct_jax.prepare class-means``; ``consts['prototypes']``). The new embedding is normalised and
@@ -9,7 +9,7 @@ pulls it toward its own class's old prototype:
 
 As in the reference, the synthesised prototypes serve every class, also those the old model was trained on (the
 old model's own classifier is never used), and the unscaled cosines keep the loss near ``log C`` with a weak
-gradient (SPEC §8.18). The prototypes are row-sharded over the devices like the class centres, so the softmax
+gradient (docs/deviations.md §8.18). The prototypes are row-sharded over the devices like the class centres, so the softmax
 over C uses the head's distributed cross-entropy.
 
 References:

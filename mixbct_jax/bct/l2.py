@@ -1,4 +1,4 @@
-"""L2 and weakened L2: pull each new embedding toward the old embedding of the same image (SPEC §4.1).
+"""L2 and weakened L2: pull each new embedding toward the old embedding of the same image (docs/methods.md (L2)).
 
 ``L_l2 = mean_i max(0, ||n(o_i) - n(e_i)||_2 - th)`` over the global batch, added with weight
 ``config.bct.l2_weight`` (10 in the reference) to the classification loss. ``th = config.bct.l2_threshold``: 0 is

@@ -1,7 +1,7 @@
-"""MixBCT: mix stored old embeddings into the new batch before one shared margin-softmax head (SPEC §4.6).
+"""MixBCT: mix stored old embeddings into the new batch before one shared margin-softmax head (docs/methods.md (MixBCT)).
 
 On every device, exactly ``k = int(b * mix_ratio)`` rows of the local batch, chosen uniformly among the rows
-whose old embedding is credible (denoised, SPEC §5.3), are replaced by the old embedding of the same image. The
+whose old embedding is credible (denoised, docs/methods.md (MixBCT)), are replaced by the old embedding of the same image. The
 replaced rows carry no gradient into the backbone, but they did take part in the forward BatchNorm statistics,
 as in the reference. The classifier is then trained on the mixture, so one set of class centres must classify
 both old and new features.

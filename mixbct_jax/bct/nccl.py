@@ -1,4 +1,4 @@
-"""NCCL: soft contrastive losses against a queue of old embeddings and old logits (SPEC §4.4).
+"""NCCL: soft contrastive losses against a queue of old embeddings and old logits (docs/methods.md (NCCL)).
 
 A first-in-first-out queue holds, for the last Q examples seen, the normalised old embedding ``f_q``, the old
 embedding's class logits ``z_q`` (the head's margin logits of the old embedding against the current centres,

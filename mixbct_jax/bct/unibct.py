@@ -1,4 +1,4 @@
-"""UniBCT: BCT's influence loss with prototypes refined by graph propagation over the new features (SPEC §4.3).
+"""UniBCT: BCT's influence loss with prototypes refined by graph propagation over the new features (docs/methods.md (UniBCT)).
 
 Training: the BCT influence loss (``mixbct_jax.bct.bct``) with weight 0 before ``config.bct.unibct_start_epoch``
 (10) and ``config.bct.influence_weight`` from then on; the learning rate follows the reference's StepLR
@@ -14,7 +14,7 @@ so each old embedding is replaced by a propagation of its class's old embeddings
 graph, and the prototype is their mean.
 
 The reference normalises A over columns (``softmax_axis=0``), which makes ``M`` column-stochastic and ``P_c``
-exactly the plain class mean of the raw old embeddings, whatever the new features are (SPEC §8.10). Our default,
+exactly the plain class mean of the raw old embeddings, whatever the new features are (docs/deviations.md §8.10). Our default,
 ``config.bct.unibct_affinity = 'row'``, normalises each row (each example's affinities sum to 1, a random-walk
 transition as in the paper), computed on cosines of the new features; ``'column'`` reproduces the reference and
 needs no pass of the new model. The refined prototypes are saved in ``<workdir>/unibct/`` so that a resumed run

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-# Guard of SPEC's row-L2-normalise, x / max(||x||, 1e-12).
+# Guard of the reference's row-L2-normalise, x / max(||x||, 1e-12).
 _EPS = 1e-12
 # Finite-value check: rows per chunk, and how many evenly spaced chunks (first and last included)
 # a sampled check reads.
@@ -255,7 +255,7 @@ def gather(old: OldEmbeddings, indices: np.ndarray) -> dict[str, np.ndarray]:
       indices: [b] integer example indices (any order, duplicates allowed).
 
     Returns:
-      ``old_features`` float32 [b, D], row-L2-normalised (SPEC §4.6: the reference normalises the
+      ``old_features`` float32 [b, D], row-L2-normalised (docs/methods.md (MixBCT): the reference normalises the
       old features on load; eps 1e-12), and ``credible`` bool [b] when the mask is present.
     """
     indices = np.asarray(indices)

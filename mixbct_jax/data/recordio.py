@@ -1,4 +1,4 @@
-"""Reader and writer of MXNet/insightface RecordIO files (``.rec`` + ``.idx``) without MXNet (SPEC §1.1-1.2).
+"""Reader and writer of MXNet/insightface RecordIO files (``.rec`` + ``.idx``) without MXNet (docs/data.md (insightface .rec/.idx)-1.2).
 
 Byte format (little-endian). A ``.rec`` file is a sequence of physical records::
 
@@ -350,7 +350,7 @@ _SCAN_CHUNK = 1 << 20  # records per gather in the label scan, bounds its memory
 
 
 class RecFile:
-    """The insightface data-set view of a ``.rec``/``.idx`` pair (SPEC §1.2).
+    """The insightface data-set view of a ``.rec``/``.idx`` pair (docs/data.md).
 
     If record 0 exists and has ``flag > 0``, it is the insightface header ``[N+1, ...]`` and the images are keys
     ``1 .. int(label[0]) - 1``; otherwise every key is an image. Example ``i`` is the ``i``-th image key.

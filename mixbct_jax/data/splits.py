@@ -1,4 +1,4 @@
-"""Scenario splits (SPEC §1.5-1.6) as index subsets of one source; no file is rewritten.
+"""Scenario splits (docs/data.md (scenarios)-1.6) as index subsets of one source; no file is rewritten.
 
 The reference writes four new ``.rec`` files (class30/70, data30/70). Here a split is a :class:`Subset`: the rows
 of the underlying source it contains (in source order) and the labels the model sees. Row ``i`` of a subset is
@@ -121,7 +121,7 @@ def data_split(labels: np.ndarray | list[int], ratio: float = 0.3) -> tuple[Subs
 
 
 def scenario(name: str, labels: np.ndarray | list[int], ratio: float = 0.3) -> dict[str, Subset]:
-    """The old and new training sets of a scenario (SPEC §1.6).
+    """The old and new training sets of a scenario (docs/data.md (scenarios)).
 
     | name    | old     | new                   |
     |---------|---------|-----------------------|

@@ -29,7 +29,7 @@ def scale_images(images: np.ndarray, *, scale: Scale = "clean") -> np.ndarray:
     Args:
       images: uint8 [n,H,W,3] RGB.
       scale: 'clean' = (x - 127.5) / 127.5, i.e. (x/255 - 0.5)/0.5 as in training; 'reference' =
-        (x - 127.5) * 0.0078125 (= /128), the input scale of the reference IJB-C script (SPEC §8.19).
+        (x - 127.5) * 0.0078125 (= /128), the input scale of the reference IJB-C script (docs/deviations.md §8.19).
 
     Returns:
       float32 [n,H,W,3].

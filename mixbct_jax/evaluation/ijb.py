@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C template-based 1:1 verification and 1:N identification (SPEC §6.1).
+"""IJB-B / IJB-C template-based 1:1 verification and 1:N identification (docs/deviations.md §5 (IJB-C)).
 
 Data layout (the insightface IJB release), for subset IJBC (IJBB: `ijbb_` prefix, `IJBB/`, galleries S1/S2):
 ```

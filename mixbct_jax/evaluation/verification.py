@@ -1,4 +1,4 @@
-"""Pair verification on insightface `.bin` sets (LFW, CFP-FP, AgeDB-30; SPEC §6.2).
+"""Pair verification on insightface `.bin` sets (LFW, CFP-FP, AgeDB-30; docs/deviations.md §5 (.bin)).
 
 A `.bin` file is a pickle of `(bins, issame_list)`: 2P encoded images (pairs are rows 2k, 2k+1) and P bools.
 Each image is embedded together with its mirror image; the pair feature is the L2-normalised sum of the two

@@ -1,4 +1,4 @@
-"""Margin functions on cosine logits (SPEC §3.1), as pure functions.
+"""Margin functions on cosine logits (docs/methods.md (the margin head)), as pure functions.
 
 Each takes cosine logits already clamped to [-1, 1] (``[N, C_local]``) and the column of each row's target in
 this shard (``-1`` where the target class lives on another shard), and returns the scaled logits.

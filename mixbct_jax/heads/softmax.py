@@ -1,4 +1,4 @@
-"""The plain linear softmax head of the reference's "softmax" old models (SPEC §3.3).
+"""The plain linear softmax head of the reference's "softmax" old models (docs/methods.md (the margin head)).
 
 ``logits = features @ W + b`` with no normalisation and no margin; the classifier belongs to the backbone's
 parameter group (clipped and weight-decayed with it) and is replicated, not sharded.

@@ -26,7 +26,7 @@ REMAT = ("auto", "on", "off")
 
 
 def normalize_images(images):
-    """uint8 RGB -> float32 in [-1, 1], ``(x / 255 - 0.5) / 0.5``: every backbone's input (SPEC §1.3).
+    """uint8 RGB -> float32 in [-1, 1], ``(x / 255 - 0.5) / 0.5``: every backbone's input (docs/data.md (augmentation)).
 
     Works on NumPy arrays (host-side embedding) and on jax arrays (inside the train step) alike.
     """

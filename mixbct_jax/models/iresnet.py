@@ -1,4 +1,4 @@
-"""IResNet (insightface's face-recognition ResNet) in Flax linen, exactly as SPEC §2.1.
+"""IResNet (insightface's face-recognition ResNet) in Flax linen, exactly as the reference MixBCT code's backbones/iresnet.py.
 
 NHWC layout. Block: BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus shortcut, with no activation
 after the addition; the stride sits on the second conv. Head: BN2d -> flatten -> Linear(bias) -> BN1d whose
@@ -89,7 +89,7 @@ class IResNet(nn.Module):
         fan_in = x.shape[-1]
         x = nn.Dense(self.embedding_size, dtype=self.dtype, kernel_init=torch_linear_uniform(fan_in),
                      bias_init=torch_linear_uniform(fan_in), name="fc")(x)
-        # BatchNorm1d with gamma frozen at 1 (SPEC §2.1): no scale parameter at all.
+        # BatchNorm1d with gamma frozen at 1 (the reference MixBCT code's backbones/iresnet.py): no scale parameter at all.
         x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32, name="features")(
             x.astype(jnp.float32))
         return x  # [B, D] float32, not normalised

@@ -1,4 +1,4 @@
-"""insightface's face-recognition Vision Transformer in Flax linen, as SPEC §2.4.
+"""insightface's face-recognition Vision Transformer in Flax linen, as the reference MixBCT code's backbones/vit.py.
 
 Patch embedding (conv ``p x p`` stride ``p``, with bias; 9 on 112x112 gives a 12x12 grid = 144 tokens, the last
 4 pixel rows and columns unused), a learned position embedding and no class token; pre-norm blocks
@@ -34,7 +34,7 @@ from mixbct_jax.models.layers import BatchNorm, torch_linear_uniform
 
 Dtype = Any
 
-# Every nn.Linear and the position embedding: truncated normal, std 0.02 (SPEC §2.4); biases 0.
+# Every nn.Linear and the position embedding: truncated normal, std 0.02 (the reference MixBCT code's backbones/vit.py); biases 0.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 # PyTorch's LayerNorm default epsilon (flax's default is 1e-6).
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=jnp.float32)
@@ -205,7 +205,7 @@ class VisionTransformer(nn.Module):
         return bn(name="features")(x)  # [B, D] float32, not normalised
 
 
-# The registered variants (SPEC §2.4): (embed_dim, depth, heads, drop_path, mask_ratio, remat by default).
+# The registered variants (the reference MixBCT code's backbones/vit.py): (embed_dim, depth, heads, drop_path, mask_ratio, remat by default).
 VARIANTS: dict[str, tuple[int, int, int, float, float, bool]] = {
     "vit_t": (256, 12, 8, 0.1, 0.1, False),
     "vit_t_dp005_mask0": (256, 12, 8, 0.05, 0.0, False),
