@@ -93,9 +93,15 @@ def test_folder_source_resize_and_errors(tmp_path):
     np.testing.assert_array_equal(src.read([0])[0], ref)
 
     cv2.imwrite(str(tmp_path / "imgs" / "carol" / "02.png"), _rgb(1, 9, 9)[0])
-    mixed = sources.open_source(f"folder:{tmp_path / 'imgs'}")
-    with pytest.raises(ValueError, match=r"carol/02\.png: image has shape \(9, 9, 3\).*size=N"):
-        mixed.read(np.arange(len(mixed)))
+    # Every image's size is checked when the folder is opened (headers only), not when training reaches it.
+    with pytest.raises(ValueError, match=r"carol/02\.png is 9x9 but .*alice/00\.png is 6x6.*,size=6"):
+        sources.open_source(f"folder:{tmp_path / 'imgs'}")
+    assert sources.open_source(f"folder:{tmp_path / 'imgs'},size=6").read([6])[0].shape == (6, 6, 3)
+    (tmp_path / "imgs" / "carol" / "02.png").unlink()
+    (tmp_path / "imgs" / "carol" / "03.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=r"carol/03\.png is not a readable image"):
+        sources.open_source(f"folder:{tmp_path / 'imgs'}")
+    (tmp_path / "imgs" / "carol" / "03.png").unlink()
     (tmp_path / "imgs" / "dave").mkdir()
     with pytest.raises(ValueError, match="dave has no"):
         sources.open_source(f"folder:{tmp_path / 'imgs'}")

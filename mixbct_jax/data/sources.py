@@ -308,6 +308,25 @@ class FolderSource:
         self.labels = np.repeat(np.arange(len(classes), dtype=np.int32), counts)
         self.num_classes = len(classes)
         self.image_shape = (size, size, 3) if size else tuple(self._load(0).shape)
+        if not size:
+            self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Every image's size from its header (no decoding), so a mixed folder fails here, not mid-training."""
+        from PIL import Image
+
+        want = self.image_shape[:2]
+        for path in self.files:
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ... for files that are no image
+                raise ValueError(f"{self.name}: {path} is not a readable image ({type(e).__name__}: {e})") from None
+            if (h, w) != want:
+                raise ValueError(
+                    f"{self.name}: {path} is {w}x{h} but {self.files[0]} is {want[1]}x{want[0]}; the images of a "
+                    f"folder must share one size: add ',size=N' to the spec (e.g. folder:{self.root},size={want[0]}) "
+                    "to resize them all to NxN")
 
     def __len__(self) -> int:
         return len(self.files)
