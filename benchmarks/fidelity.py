@@ -71,6 +71,9 @@ class Track:
     # A track whose new model and data equal another's: its "none" runs (which never see the old model) are that
     # track's runs, only evaluated against this track's old model.
     none_from: str = ""
+    # Order among tracks when time is short (lower first): added to every run's priority, except that the first
+    # seed's main rows (priority 0) of the tracks with priority < 1 come first.
+    priority: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +135,15 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
                                   side, alphas, True),
         "omniglot_softmax": Track("omniglot_softmax", "omniglot_softmax",
                                   dict(arch=arch_new, width=new_w, embedding_size=d_full), steps_new, seeds, main,
-                                  side, alphas, True, none_from="omniglot_arcface"),
+                                  side, alphas, True, none_from="omniglot_arcface", priority=0.5),
+        # Convergence check: the main rows at three times the steps (first seed), over the ArcFace old model.
+        "omniglot_arcface_long": Track("omniglot_arcface_long", "omniglot_arcface",
+                                       dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
+                                       seeds[:1], main[:3], (), (), False, priority=0.6),
         # The synthetic identities: the main rows only (the second data set checks the direction, not the grid).
         "synthetic_arcface": Track("synthetic_arcface", "synthetic_arcface",
                                    dict(arch=arch_new, width=new_w, embedding_size=d_full), steps_new, seeds[:1]
-                                   if side else seeds, main, (), (), False),
+                                   if side else seeds, main, (), (), False, priority=10),
         # One more row is one more entry, e.g. a ViT new model over the ArcFace IResNet old model:
         # "omniglot_vit": Track("omniglot_vit", "omniglot_arcface", dict(arch="vit_t", embedding_size=d_full),
         #                       steps_new, seeds, main, (), (), False),
@@ -281,12 +288,13 @@ def selected(tracks, names: str | None, only: str | None) -> list[tuple[Track, R
             sys.exit(f"--tracks: unknown track {n!r}; known: {', '.join(tracks)}")
     items = []
     for t_index, n in enumerate(chosen):
-        late = t_index >= 2  # beyond the two old-model qualities: after their whole grid
-        for r_index, (prio, run) in enumerate(runs_of(tracks[n])):
-            if run.method == "none" and tracks[n].none_from:
-                prio = 9  # an evaluation only, of a model another track trains: last, when that model exists
+        track = tracks[n]
+        for r_index, (prio, run) in enumerate(runs_of(track)):
+            prio = prio + track.priority if prio or track.priority >= 0.55 else 0
+            if run.method == "none" and track.none_from:
+                prio = 99  # an evaluation only, of a model another track trains: last, when that model exists
             if not only or fnmatch.fnmatch(f"{n}/{run.name}", only):  # tracks interleaved within a priority
-                items.append(((late, prio, r_index, t_index), tracks[n], run))
+                items.append(((prio, r_index, t_index), track, run))
     items.sort(key=lambda x: x[0])
     return [(t, r) for _, t, r in items]
 
