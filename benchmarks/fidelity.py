@@ -140,6 +140,10 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
         "omniglot_arcface_long": Track("omniglot_arcface_long", "omniglot_arcface",
                                        dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
                                        seeds[:1], main[:3], (), (), False, priority=0.6),
+        "omniglot_softmax_long": Track("omniglot_softmax_long", "omniglot_softmax",
+                                       dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
+                                       seeds[:1], main[:3], (), (), False, none_from="omniglot_arcface_long",
+                                       priority=0.7),
         # The synthetic identities: the main rows only (the second data set checks the direction, not the grid).
         "synthetic_arcface": Track("synthetic_arcface", "synthetic_arcface",
                                    dict(arch=arch_new, width=new_w, embedding_size=d_full), steps_new, seeds[:1]
