@@ -310,8 +310,6 @@ class Claim:
         self.path = folder.parent / (folder.name + ".claim")
 
     def take(self) -> bool:
-        import os
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -391,8 +389,15 @@ def run_study(out: pathlib.Path, *, scale: str, track_names: str | None, only: s
                 num_new[old.data] = len(splits.scenario("exclass", labels, 0.3)["new"])
             if run.method == "none" and track.none_from:
                 src = out / track.none_from / run.name
-                while not (src / "eval.json").exists():  # another worker trains it
-                    time.sleep(10)
+                src_claim = Claim(src)
+                while not (src / "eval.json").exists():
+                    if src_claim.take():  # nobody trains it now: leave this evaluation for a later invocation
+                        src_claim.release()
+                        break
+                    time.sleep(10)  # another worker trains it
+                if not (src / "eval.json").exists():
+                    print(f"[fidelity] {track.name}/{run.name}: {src} not trained yet, skipped", file=sys.stderr)
+                    continue
                 run_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy(src / "metrics.jsonl", run_dir / "metrics.jsonl")
                 _evaluate(src, arrays["old_dir"], ds["held_out"], to=run_dir)
@@ -612,9 +617,10 @@ def plot_tradeoff(result: dict, path: pathlib.Path) -> None:
                 ax.scatter(x, y, marker=markers[method], s=90 if method == "mixbct" else 45, color=f"C{i}",
                            label=method, alpha=0.85, edgecolors="k" if method == "mixbct" else "none")
         ax.axhline(track["old/old"]["mAP"], color="k", ls="--", lw=1, label="old/old")
-        ax.set(xlabel="new/new mAP", ylabel="new/old mAP", title=name)
+        ax.axvline(track["old/old"]["mAP"], color="gray", ls=":", lw=1)  # a new/new left of it: worse than the old
+        ax.set(xlabel="new/new mAP", ylabel="new/old mAP", title=name, ylim=(0, None))
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="best")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     _save_png(fig, path)
 
