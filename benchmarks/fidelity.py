@@ -6,9 +6,9 @@
 
 The study follows the paper's axes at toy scale, on real images (Omniglot) and on the synthetic identities:
 
-* old-model quality: an ArcFace old model at the full embedding size D, and a weak softmax old model at D/4
-  (the paper's r18-softmax-f128 against r18-arcface-f512);
-* capacity gap: the new model is wider than the old one (the paper's r50 over r18); the old model trains on
+* old-model quality: an ArcFace old model, and a weak softmax old model trained for a fifth of the steps (the
+  paper's r18-softmax-f128 against r18-arcface-f512; a D/4 softmax model was tried first, see ``grid``);
+* capacity gap: the new model is deeper than the old one (the paper's r50 over r18); the old model trains on
   the old side of the open-class split (the first 30% of the training classes), the new model on all of them;
 * methods: none (the unconstrained upper bound), mixbct, l2, weakened_l2, bct, unibct, nccl, advbct, all with
   the same steps, learning rate and schedule (each method keeps its reference preset, as in compat_table.py);
@@ -403,8 +403,8 @@ def run_study(out: pathlib.Path, *, scale: str, track_names: str | None, only: s
                 _evaluate(src, arrays["old_dir"], ds["held_out"], to=run_dir)
                 continue
             clock.stage(f"{track.name}/{run.name}", track.steps,
-                        lambda: train.train_and_evaluate(
-                            new_config(track, run, ds["train"], num_new[old.data], arrays), run_dir),
+                        lambda t=track, r=run, d=ds, o=old, a=arrays, w=run_dir: train.train_and_evaluate(
+                            new_config(t, r, d["train"], num_new[o.data], a), w),
                         skip=_trained(run_dir, track.steps))
             if not (run_dir / "eval.json").exists():
                 _evaluate(run_dir, arrays["old_dir"], ds["held_out"])
@@ -438,14 +438,17 @@ def launch_workers(argv: list[str], jobs: int, out: pathlib.Path) -> None:
     # On one GPU the workers share its memory instead of each preallocating 75% of it.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.2f}")
     out.mkdir(parents=True, exist_ok=True)
-    procs = []
+    procs, logs = [], []
     for i in range(jobs):
-        log = open(out / f"worker{i}.log", "a")
+        log = open(out / f"worker{i}.log", "a")  # noqa: SIM115 - the worker's stdout, closed after it exits
+        logs.append(log)
         procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--jobs", "0"], env=env, stdout=log,
                                       stderr=subprocess.STDOUT))
         time.sleep(20)  # the first worker claims the first old model before the second one looks
     t0 = time.time()
     codes = [p.wait() for p in procs]
+    for log in logs:
+        log.close()
     print(f"[fidelity] {jobs} workers finished in {(time.time() - t0) / 60:.1f} min, exit codes {codes}; "
           f"logs in {out}/worker*.log")
     if any(codes):
@@ -521,7 +524,7 @@ def _stats(values: list[float]) -> str:
 
 def _final_loss(curve: list, frac: float = 0.1) -> float:
     """Mean classification loss over the last ``frac`` of the logged steps."""
-    k = max(1, int(round(len(curve) * frac)))
+    k = max(1, round(len(curve) * frac))
     return float(np.mean([c[1] for c in curve[-k:]]))
 
 
@@ -707,7 +710,7 @@ def report(out: pathlib.Path, publish: pathlib.Path | None = None) -> str:
                          f"not credible ({100 * d['removed'] / d['rows']:.1f}%).")
         knobs, krows = knob_table(track)
         if len(krows) > 1:
-            parts += ["", f"MixBCT knobs (seed 0):", "", knobs]
+            parts += ["", "MixBCT knobs (seed 0):", "", knobs]
         if track["failed"]:
             parts.append(f"Failed runs: {', '.join(track['failed'])} (see the worker logs).")
         parts.append("")
