@@ -148,9 +148,10 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
         "synthetic_arcface": Track("synthetic_arcface", "synthetic_arcface",
                                    dict(arch=arch_new, width=new_w, embedding_size=d_full), steps_new, seeds[:1]
                                    if side else seeds, main, (), (), False, priority=10),
-        # One more row is one more entry, e.g. a ViT new model over the ArcFace IResNet old model:
-        # "omniglot_vit": Track("omniglot_vit", "omniglot_arcface", dict(arch="vit_t", embedding_size=d_full),
-        #                       steps_new, seeds, main, (), (), False),
+        # Cross-architecture: a ViT new model (2 blocks of width 64, 4x4 patches: 64 tokens at 32 px) over the
+        # ArcFace IResNet old model, the case of a CNN gallery and a transformer query model (first seed).
+        "omniglot_vit": Track("omniglot_vit", "omniglot_arcface", dict(arch="vit_tiny", embedding_size=d_full),
+                              steps_new, seeds[:1], main[:3], (), (), False, priority=0.8),
     }
     return olds, tracks
 

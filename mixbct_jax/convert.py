@@ -591,15 +591,20 @@ def converted_config(arch: str, embedding_size: int, input_size: int, source: st
     return config
 
 
-def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: str, embedding_size: int | None = None,
-                 input_size: int = 112, patch_size: int = 0, width: float = 1.0) -> ml_collections.ConfigDict:
-    """Converts a PyTorch backbone file into the run directory ``out``; returns the written config."""
+def check_new_run_dir(out: str | os.PathLike) -> None:
+    """Refuses an ``--out`` that is a file or already holds checkpoints (an import never overwrites a run)."""
     out = pathlib.Path(out)
     ckpt_dir = out / checkpoint.CHECKPOINT_DIR
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise ValueError(f"--out {out} already holds checkpoints ({ckpt_dir}); choose a new directory or delete it")
+
+
+def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: str, embedding_size: int | None = None,
+                 input_size: int = 112, patch_size: int = 0, width: float = 1.0) -> ml_collections.ConfigDict:
+    """Converts a PyTorch backbone file into the run directory ``out``; returns the written config."""
+    check_new_run_dir(out)
     source = str(pathlib.Path(torch_path).resolve())
     state = load_torch_state_dict(torch_path)
     backbone, skipped = split_backbone_keys(state)

@@ -290,12 +290,7 @@ def load_onnx(path: str | os.PathLike):
 
 def import_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
     """Converts an insightface ONNX recognition model into the run directory ``out``; returns what it read."""
-    out = pathlib.Path(out)
-    ckpt_dir = out / checkpoint.CHECKPOINT_DIR
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
-        raise ValueError(f"--out {out} already holds checkpoints ({ckpt_dir}); choose a new directory or delete it")
+    convert.check_new_run_dir(out)
     model = load_onnx(onnx_path)
     variables, info = onnx_to_flax(model, arch, where=f"--onnx {onnx_path}")
     source = str(pathlib.Path(onnx_path).resolve())
