@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     a = p.parse_args(None if argv is None else cli.snake_case_flags(argv))
     if a.steps < 1:
-        p.error(f"--steps must be >= 1, got {a.steps}")
+        raise ValueError(f"--steps must be >= 1, got {a.steps}")
     return run(a.out, steps=a.steps, seed=a.seed)
 
 
