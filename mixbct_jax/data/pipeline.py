@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -218,6 +219,14 @@ def _run(reader: _BatchReader, start: int, stop: int, workers: int) -> Iterator[
     it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
     if workers > 0:
         from absl import flags
+
+        if sys.version_info < (3, 13):
+            # Before Python 3.13 every process that attaches to a shared-memory segment registers it with the
+            # resource tracker again, so at exit the tracker reports the batches Grain already unlinked as
+            # "leaked" and fails to unlink them twice (a false report: /dev/shm is clean). The tracker process
+            # starts with the first worker and inherits this environment; the filter only hides its
+            # UserWarnings.
+            os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
 
         if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside absl.app (pytest, notebooks) use
             flags.FLAGS.mark_as_parsed()  # their defaults instead of failing
