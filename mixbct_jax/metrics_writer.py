@@ -73,6 +73,13 @@ class MetricsWriter:
                 self._tb.add_scalar(tag, value, global_step=int(step), walltime=record["time"])
         return record
 
+    def tensorboard_only(self, step: int, record: dict[str, Any]) -> None:
+        """Writes a record's scalars to TensorBoard alone (the final evaluation: its full results are the run's
+        ``eval/report.json``, and ``metrics.jsonl`` stays one record per logged step)."""
+        if self._tb is not None:
+            for tag, value in _scalars(record).items():
+                self._tb.add_scalar(tag, value, global_step=int(step))
+
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()

@@ -281,7 +281,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
     if final and start_step < total_steps:  # the headline numbers of the final evaluation, in TensorBoard too
         from mixbct_jax.evaluation import report
 
-        writer.write(total_steps, {"final": {
+        writer.tensorboard_only(total_steps, {"final": {
             report.short_name(name): {row: report.headline(p["protocol"], m)[0] for row, m in p["rows"].items()}
             for name, p in final["evals"].items()}})
     writer.close()

@@ -38,10 +38,12 @@ def test_records_reach_both_sinks_with_wall_clock_time(tmp_path):
     writer = MetricsWriter(tmp_path)
     writer.write(2, {"loss": 3.5, "lr": 0.1, "finite": 1.0, "note": "text is kept in jsonl only"})
     writer.write(4, {"loss": 2.5, "lr": 0.05, "nan": float("nan")})
-    writer.write(4, {"eval/new/old/mAP": 0.25, "final": {"retrieval synthetic": {"new/old": {"mAP %": 25.0}}}})
+    writer.write(4, {"eval/new/old/mAP": 0.25})
+    writer.tensorboard_only(4, {"final": {"retrieval synthetic": {"new/old": {"mAP %": 25.0}}}})
     writer.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 4] and all(r["time"] > 1.7e9 for r in records)
+    assert "final" not in records[-1]  # the final evaluation goes to TensorBoard and eval/report.json only
     tb = scalars(tmp_path / "tensorboard")
     assert tb["loss"] == {2: 3.5, 4: 2.5} and tb["lr"][4] == pytest.approx(0.05)  # stored as float32
     assert tb["eval/new/old/mAP"] == {4: 0.25} and tb["final/retrieval_synthetic/new/old/mAP"] == {4: 25.0}

@@ -241,8 +241,16 @@ def test_wrong_sized_image_names_its_row(tmp_path):
         (tmp_path / cls).mkdir()
         for i, h in enumerate(sizes):
             cv2.imwrite(str(tmp_path / cls / f"{i}.png"), np.zeros((h, 6, 3), np.uint8))
-    source = sources.open_source(f"folder:{tmp_path}")
-    with pytest.raises(pipeline.BadInputError, match=r"b/1\.png: the image decodes to shape \(7, 6, 3\)"):
+    # A folder is checked when it is opened (every image's header)...
+    with pytest.raises(ValueError, match=r"b/1\.png is 6x7 but .*a/0\.png is 6x6"):
+        sources.open_source(f"folder:{tmp_path}")
+    # ... a .rec when its batch is read: the odd record is named with its file and key.
+    with recordio.RecordWriter(tmp_path / "odd") as w:  # no header record: keys 1..4, the last one 7x6
+        for key, h in enumerate([6, 6, 6, 7], start=1):
+            png = cv2.imencode(".png", np.zeros((h, 6, 3), np.uint8))[1].tobytes()
+            w.write(key, recordio.pack_header([float(key > 2), 0], id=key) + png)
+    source = sources.open_source(f"rec:{tmp_path / 'odd'}")
+    with pytest.raises(pipeline.BadInputError, match=r"odd\.rec record key 4 \(example 3\): the image decodes to shape \(7, 6, 3\)"):
         list(pipeline.eval_batches(source, None, batch_size=4, threads=0))
 
 

@@ -110,11 +110,19 @@ def test_finished_run_is_not_retrained(straight_run, capsys):
     assert "is finished (step 6/6)" in capsys.readouterr().err
 
 
-def test_resuming_with_another_data_order_is_refused(straight_run):
-    """The checkpoint's input state (checkpoints/<step>/data) must match the config the run resumes with."""
+def test_resuming_with_another_data_order_is_refused(straight_run, tmp_path, monkeypatch):
+    """The checkpoint's input state (checkpoints/<step>/data) must match what the run resumes with: a changed seed
+    is refused by the config guard first; a changed data set behind the same spec by the input state."""
     assert json.loads((straight_run / "checkpoints" / "6" / "data" / "metadata").read_text())["step"] == 6
-    with pytest.raises(ValueError, match=r"input-pipeline state does not match this run \(seed: checkpoint 0 vs now 1"):
+    with pytest.raises(ValueError, match=r"another config \(seed: 0 -> 1\).*resume_allow=seed"):
         train.train_and_evaluate(quick(6, seed=1), straight_run)
+    # The same config over another number of examples (a .rec rewritten in place, say): the stored state says so.
+    workdir = tmp_path / "moved_data"
+    kill_after_checkpoint(workdir, monkeypatch)
+    data = json.loads((workdir / "checkpoints" / "3" / "data" / "metadata").read_text())
+    (workdir / "checkpoints" / "3" / "data" / "metadata").write_text(json.dumps(dict(data, num_examples=1)))
+    with pytest.raises(ValueError, match=r"input-pipeline state does not match this run \(num_examples: checkpoint 1"):
+        train.train_and_evaluate(quick(6), workdir)
 
 
 def test_pmap_mode_trains(tmp_path):
