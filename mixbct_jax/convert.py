@@ -570,7 +570,9 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.P
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = collections.OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state_dict.items())
+    # A writable C-order copy: torch.from_numpy warns about read-only arrays (e.g. ones loaded from a checkpoint).
+    tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v, order="C", copy=True)))
+                                      for k, v in state_dict.items())
     atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 

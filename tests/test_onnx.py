@@ -176,7 +176,11 @@ def test_convert_width_imports_a_scaled_down_torch_iresnet(tmp_path):
     net = models.build("r_tiny", embedding_size=16, input_size=32, width=0.25)
     variables = jax.tree.map(np.asarray, net.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False))
     state = convert.flax_to_torch(variables, "r_tiny", 16, 32, 0.25)
-    convert.save_torch_state_dict(state, tmp_path / "tiny.pt")
+    for value in state.values():
+        value.flags.writeable = False  # as arrays restored from a checkpoint can be
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no foreign warning (torch's read-only-array one) reaches the user
+        convert.save_torch_state_dict(state, tmp_path / "tiny.pt")
     convert.main(["--torch", str(tmp_path / "tiny.pt"), "--arch", "r_tiny", "--input-size", "32", "--width", "0.25",
                   "--out", str(tmp_path / "run")])  # the hyphenated spelling still works
     config, back = checkpoint.load_params(tmp_path / "run")
