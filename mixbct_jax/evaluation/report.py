@@ -175,7 +175,8 @@ def _plot_bars(name: str, protocol: str, rows: dict[str, dict], path: str) -> No
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
         values += [v for v in vals if v is not None and np.isfinite(v)]
     # From 0, so bar heights compare honestly; the labels on the bars carry the decimals.
-    ax.set_ylim(0.0, min(100.0, 1.12 * max(values)) if values else 100.0)
+    top = max(values, default=0.0)
+    ax.set_ylim(0.0, min(100.0, 1.12 * top) if top > 0 else 100.0)  # all-zero rows: the full 0-100 range
     ax.set_xticks(x + width * (len(names) - 1) / 2, cols)
     ax.set(ylabel="%", title=f"{short_name(name)}: new/old vs old/old")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
