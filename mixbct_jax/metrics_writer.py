@@ -17,6 +17,8 @@ import re
 import time
 from typing import Any
 
+from mixbct_jax import guard
+
 TENSORBOARD_DIR = "tensorboard"
 _TAG_CHARS = re.compile(r"[^A-Za-z0-9_./:-]+")
 
@@ -45,7 +47,8 @@ class MetricsWriter:
 
     Args:
       workdir: the run directory.
-      start_step: the step the run (re)starts from; TensorBoard hides earlier-written events from it on.
+      start_step: the step the run (re)starts from: ``metrics.jsonl`` is cut back to it and TensorBoard hides the
+        events written from it on.
       enabled: False on every process but 0.
       tensorboard: also write TensorBoard event files.
     """
@@ -55,6 +58,8 @@ class MetricsWriter:
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
+        if enabled:  # records after the restored step are logged again: keep each step once
+            guard.truncate_metrics(self.path, start_step)
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter  # lazily: only a training run needs it
 

@@ -185,9 +185,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
     restored = checkpoint.restore_state(
         mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
         log=_log)
-    metrics_path = workdir / "metrics.jsonl"
-    if jax.process_index() == 0:  # records after the restored step are logged again: keep each step once
-        guard.truncate_metrics(metrics_path, 0 if restored is None else restored[0])
     if restored is None:
         state = jax.jit(init, out_shardings=shardings)()
         start_step = 0
@@ -198,14 +195,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
         start_step, state = restored
         # A resume continues the interrupted run's batches exactly, unless the user allowed a field that changes
         # them (config.resume_allow): then the new order starts from this step on purpose.
-        saved_data = checkpoint.restore_data(mngr, start_step)
-        expected_data = data_state(start_step)
-        order_fields = {"seed": "seed", "data.global_batch": "global_batch", "data.flip": "flip",
-                        "data.source": "source"}
-        for field in set(changes) & set(order_fields):
-            if saved_data is not None and order_fields[field] in saved_data:
-                expected_data[order_fields[field]] = saved_data[order_fields[field]]
-        pipeline.check_resume(saved_data, expected_data)
+        pipeline.check_resume(checkpoint.restore_data(mngr, start_step), data_state(start_step), allowed=changes)
         if changes and jax.process_index() == 0:
             checkpoint.write_config(workdir, config)
             guard.record_resume(workdir, start_step, changes)

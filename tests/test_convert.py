@@ -50,25 +50,25 @@ class TorchBasicBlock(tnn.Module):
 
 
 class TorchIResNet(tnn.Module):
-    def __init__(self, stages, embedding_size: int):
+    def __init__(self, stages, embedding_size: int, widths=(64, 128, 256, 512), input_size: int = 112):
         super().__init__()
-        self.conv1 = tnn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(64, eps=1e-5)
-        self.prelu = tnn.PReLU(64)
-        cin = 64
-        for s, n in enumerate(stages):
-            planes = 64 * 2**s
+        self.conv1 = tnn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(widths[0], eps=1e-5)
+        self.prelu = tnn.PReLU(widths[0])
+        cin = widths[0]
+        for s, (n, planes) in enumerate(zip(stages, widths)):
             blocks = [TorchBasicBlock(cin if b == 0 else planes, planes, 2 if b == 0 else 1) for b in range(n)]
             setattr(self, f"layer{s + 1}", tnn.Sequential(*blocks))
             cin = planes
-        self.bn2 = tnn.BatchNorm2d(512, eps=1e-5)
+        self.bn2 = tnn.BatchNorm2d(cin, eps=1e-5)
         self.dropout = tnn.Dropout(p=0.0)
-        self.fc = tnn.Linear(512 * 7 * 7, embedding_size)
+        side = input_size // 16
+        self.fc = tnn.Linear(cin * side * side, embedding_size)
         self.features = tnn.BatchNorm1d(embedding_size, eps=1e-5)
         tnn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False  # frozen gamma
 
-    def forward(self, x):  # x: [B, 3, 112, 112]
+    def forward(self, x):  # x: [B, 3, input_size, input_size]
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.bn2(x), 1)  # C,H,W order

@@ -58,6 +58,8 @@ def test_a_resumed_run_hides_the_events_it_writes_again(tmp_path):
     second = MetricsWriter(tmp_path, start_step=3)  # the run resumed from its step-3 checkpoint
     second.write(4, {"loss": 0.2})
     second.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # cut back to the restored step, then step 4 logged once more
     purges = [e for e in read_events(tmp_path / "tensorboard") if e.HasField("session_log")]
     assert [(e.step, e.session_log.status) for e in purges] == [(3, event_pb2.SessionLog.START)]
 

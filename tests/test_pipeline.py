@@ -264,6 +264,9 @@ def test_resume_state_is_checked():
         pipeline.check_resume(state, dict(state, global_batch=128))
     with pytest.raises(ValueError, match=r"seed: checkpoint 1 vs now 2"):
         pipeline.check_resume(state, dict(state, seed=2))
+    pipeline.check_resume(state, dict(state, seed=2), allowed={"seed": (1, 2)})  # changed on purpose
+    with pytest.raises(ValueError, match=r"global_batch: checkpoint 64 vs now 128"):  # only that field is let go
+        pipeline.check_resume(state, dict(state, seed=2, global_batch=128), allowed={"seed": (1, 2)})
 
 
 def test_default_workers():

@@ -43,52 +43,16 @@ torch = pytest.importorskip("torch")
 tnn = torch.nn
 F = torch.nn.functional
 
+from test_convert import TorchIResNet  # noqa: E402  (the PyTorch IResNet written once for the tests)
+
 C, D, SIZE, WIDTH, N = 10, 16, 32, 0.125, 32
 STEPS, STEPS_PER_EPOCH, NUM_EPOCHS = 3, 4, 5
 RTOL = 1e-4
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# PyTorch IResNet (the reference MixBCT code's backbones/iresnet.py), insightface module names, stage widths scaled for a tiny test model
-# ---------------------------------------------------------------------------------------------------------------
-class Block(tnn.Module):
-    def __init__(self, cin: int, planes: int, stride: int):
-        super().__init__()
-        self.bn1 = tnn.BatchNorm2d(cin, eps=1e-5)
-        self.conv1 = tnn.Conv2d(cin, planes, 3, 1, 1, bias=False)
-        self.bn2 = tnn.BatchNorm2d(planes, eps=1e-5)
-        self.prelu = tnn.PReLU(planes)
-        self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn3 = tnn.BatchNorm2d(planes, eps=1e-5)
-        self.downsample = tnn.Sequential(tnn.Conv2d(cin, planes, 1, stride, bias=False),
-                                         tnn.BatchNorm2d(planes, eps=1e-5))
-
-    def forward(self, x):
-        return self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x)))))) + self.downsample(x)
-
-
-class TinyIResNet(tnn.Module):
-    """One block per stage, every one strided with a conv shortcut; head BN2d -> flatten CHW -> fc -> BN1d."""
-
-    def __init__(self, widths=(8, 16, 32, 64), embedding_size=D, input_size=SIZE):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(widths[0], eps=1e-5)
-        self.prelu = tnn.PReLU(widths[0])
-        cin = widths[0]
-        for s, planes in enumerate(widths):
-            setattr(self, f"layer{s + 1}", tnn.Sequential(Block(cin, planes, 2)))
-            cin = planes
-        self.bn2 = tnn.BatchNorm2d(cin, eps=1e-5)
-        side = input_size // 16
-        self.fc = tnn.Linear(cin * side * side, embedding_size)
-        self.features = tnn.BatchNorm1d(embedding_size, eps=1e-5)
-        self.features.weight.requires_grad = False  # the reference freezes this gamma at 1
-
-    def forward(self, x):  # [B, 3, H, W] in [-1, 1]
-        x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.features(self.fc(torch.flatten(self.bn2(x), 1)))
+def tiny_iresnet() -> tnn.Module:
+    """The PyTorch IResNet of tests/test_convert.py (insightface module names), one strided block per stage."""
+    return TorchIResNet((1, 1, 1, 1), D, widths=(8, 16, 32, 64), input_size=SIZE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,7 +80,7 @@ class ReferenceTrainer:
     def __init__(self, state_dict, centres, *, world, method, warmup_epochs=0, prototypes=None, mix_ratio=0.3,
                  l2_weight=10.0, l2_threshold=0.0, dtype=torch.float32):
         self.dtype = dtype
-        self.model = TinyIResNet()
+        self.model = tiny_iresnet()
         self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
         self.model.to(dtype).train()
         self.world, self.method = world, method

@@ -360,13 +360,24 @@ def data_state(*, step: int, seed: int, global_batch: int, num_examples: int, fl
             "source": str(source), "subset": str(subset)}
 
 
-def check_resume(saved: dict[str, Any] | None, expected: dict[str, Any]) -> None:
+# The config fields that set a data-state field: a resume that changes one of them on purpose
+# (config.resume_allow) starts a new order at the restored step, so that field is not compared.
+_CONFIG_FIELDS = {"seed": "seed", "data.global_batch": "global_batch", "data.flip": "flip", "data.source": "source"}
+
+
+def check_resume(saved: dict[str, Any] | None, expected: dict[str, Any], *, allowed: Any = ()) -> None:
     """Raises a clear error when a checkpoint's input state does not match this run's (same fields as
-    :func:`data_state`); ``saved`` None (a checkpoint written before the state was stored) passes."""
+    :func:`data_state`); ``saved`` None (a checkpoint written before the state was stored) passes.
+
+    Args:
+      allowed: config fields the resume changes on purpose (``guard.check_resume``'s result); the state fields
+        they set are not compared.
+    """
     if saved is None:
         return
     # process_count may change (batches are global, processes take slices), so it is not compared.
-    fields = ("step", "seed", "global_batch", "num_examples", "flip", "source", "subset")
+    skip = {_CONFIG_FIELDS[f] for f in allowed if f in _CONFIG_FIELDS}
+    fields = [k for k in ("step", "seed", "global_batch", "num_examples", "flip", "source", "subset") if k not in skip]
     diff = {k: (saved.get(k), expected[k]) for k in fields if saved.get(k) != expected[k]}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
