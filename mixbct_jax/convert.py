@@ -593,6 +593,14 @@ def converted_config(arch: str, embedding_size: int, input_size: int, source: st
     return config
 
 
+def check_out_file(out: str | os.PathLike) -> None:
+    """Refuses an export ``--out`` that names a directory (an existing one, or a path ending in a separator)."""
+    text = os.fspath(out)
+    if os.path.isdir(text) or text.endswith(("/", os.sep)):
+        raise ValueError(f"--out {text} is a directory; --export writes one file, e.g. --out "
+                         f"{os.path.join(text, 'backbone.pt')} (or backbone.onnx)")
+
+
 def check_new_run_dir(out: str | os.PathLike) -> None:
     """Refuses an ``--out`` that is a file or already holds checkpoints (an import never overwrites a run)."""
     out = pathlib.Path(out)
@@ -686,9 +694,7 @@ def main(argv: list[str] | None = None) -> None:
                 or args.width is not None):
             parser.error("--export reads the embedding and input size, patch size and width from the run's "
                          "config.json; drop them")
-        if os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out} is a directory; --export writes one file, e.g. --out "
-                             f"{os.path.join(args.out, 'backbone.pt')}")
+        check_out_file(args.out)
         if str(args.out).endswith(".onnx"):
             from mixbct_jax import onnx_io
 

@@ -394,9 +394,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | 
         raise ValueError(f"--arch {arch} does not match {run_dir}/config.json model.arch={m.arch!r}; drop --arch "
                          f"or pick the right run")
     model = flax_to_onnx(variables, m.arch, m.embedding_size, m.input_size, m.get("width", 1.0))
+    convert.check_out_file(out)
     out = pathlib.Path(out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; name the .onnx file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: pathlib.Path(tmp).write_bytes(model.SerializeToString()))
     print(f"exported {run_dir} ({m.arch}, D={m.embedding_size}) -> {out} (input {INPUT_NAME} "

@@ -226,6 +226,8 @@ CLI_CASES = {
                                    "{d}/junk.bin", "--out", "{d}/eval"], "junk.bin is not a .bin pair set"),
     "convert_out_is_a_directory": (["mixbct_jax.convert", "--export", "{d}/run64", "--out", "{d}/outdir"],
                                    "outdir is a directory"),
+    "convert_out_ends_in_a_separator": (["mixbct_jax.convert", "--export", "{d}/run64", "--out", "{d}/newdir/"],
+                                        "newdir/ is a directory"),
     "prepare_missing_features": (["mixbct_jax.prepare", "denoise", "--features", "{d}/none.npy", "--labels",
                                   "{d}/none.npy", "--out", "{d}/c.npy"], "none.npy does not exist"),
     "demo_zero_steps": (["mixbct_jax.demo", "--out", "{d}/demo", "--steps", "0"], "--steps must be >= 1, got 0"),
