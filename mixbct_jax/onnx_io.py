@@ -25,6 +25,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from mixbct_jax import checkpoint, convert, models
@@ -298,18 +299,10 @@ def import_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, arch: str 
     with config.unlocked():
         config.model.width = float(info["width"])
     checkpoint.save_model_only(out, config, variables)
-    n = sum(np.size(x) for x in _leaves(variables["params"]))
+    n = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
     print(f"converted {source} -> {out} ({info['arch']}, D={info['embedding_size']}, input {info['input_size']}, "
           f"width {info['width']:g}, {n / 1e6:.2f}M parameters)")
     return info
-
-
-def _leaves(tree):
-    if isinstance(tree, Mapping):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
 
 
 # ---------------------------------------------------------------------------------------------------------------
