@@ -136,18 +136,23 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
         "omniglot_softmax": Track("omniglot_softmax", "omniglot_softmax",
                                   dict(arch=arch_new, width=new_w, embedding_size=d_full), steps_new, seeds, main,
                                   side, alphas, True, none_from="omniglot_arcface", priority=0.5),
-        # Convergence check: the main rows at three times the steps (first seed), over the ArcFace old model.
+        # Convergence: the main rows at three times the steps, every seed, over both old models.
         "omniglot_arcface_long": Track("omniglot_arcface_long", "omniglot_arcface",
                                        dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
-                                       seeds[:1], main[:3], (), (), False, priority=0.6),
+                                       seeds, main[:3], (), (), False, priority=0.6),
         "omniglot_softmax_long": Track("omniglot_softmax_long", "omniglot_softmax",
                                        dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
-                                       seeds[:1], main[:3], (), (), False, none_from="omniglot_arcface_long",
+                                       seeds, main[:3], (), (), False, none_from="omniglot_arcface_long",
                                        priority=0.7),
-        # The synthetic identities: the main rows only (the second data set checks the direction, not the grid).
+        # Until the unconstrained loss is flat: the main rows at six times the steps (first seed).
+        "omniglot_arcface_xlong": Track("omniglot_arcface_xlong", "omniglot_arcface",
+                                        dict(arch=arch_new, width=new_w, embedding_size=d_full), 6 * steps_new,
+                                        seeds[:1], main[:3], (), (), False, priority=1.75),
+        # The synthetic identities, at the convergence length: the main rows only (the second data set checks the
+        # direction, not the grid).
         "synthetic_arcface": Track("synthetic_arcface", "synthetic_arcface",
-                                   dict(arch=arch_new, width=new_w, embedding_size=d_full), steps_new, seeds[:1]
-                                   if side else seeds, main, (), (), False, priority=10),
+                                   dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
+                                   seeds[:1] if side else seeds, main, (), (), False, priority=1.8),
         # Cross-architecture: a ViT new model (2 blocks of width 64, 4x4 patches: 64 tokens at 32 px) over the
         # ArcFace IResNet old model, the case of a CNN gallery and a transformer query model (first seed).
         "omniglot_vit": Track("omniglot_vit", "omniglot_arcface", dict(arch="vit_tiny", embedding_size=d_full),
