@@ -2,7 +2,7 @@
 
 Writes a 5,000,000 x 512 float16 feature file (about 4.9 GiB) with 93,431 classes of uneven,
 MS1MV3-like sizes (mean ~54, rows of a class consecutive) to a temporary folder, then, in a fresh
-process that memory-maps it as the command line does, times ``prepare.denoise`` (and the other tools),
+process that memory-maps it as the command line does, times ``old_stats.denoise`` (and the other tools),
 ``old_embeddings.validate`` and ``old_embeddings.gather`` of 1024 random rows. Peak memory is reported
 twice: ``ru_maxrss`` (which also counts the memory-mapped file's pages resident in the page cache) and
 the peak anonymous RSS (the process's own allocations), sampled from /proc/self/status.
@@ -87,7 +87,7 @@ class _PeakAnonRss:
 def measure(folder: str, tools: list[str]) -> dict:
     """Runs in a fresh process: memory-maps the files and times the tools."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from mixbct_jax import prepare
+    from mixbct_jax.data import old_stats
     from mixbct_jax.data import old_embeddings
 
     features = np.load(os.path.join(folder, "features.npy"), mmap_mode="r")
@@ -95,7 +95,7 @@ def measure(folder: str, tools: list[str]) -> dict:
     results: dict = {"rows": features.shape[0], "dim": features.shape[1]}
     with _PeakAnonRss() as anon:
         start = time.perf_counter()
-        mask = prepare.denoise(features, labels, keep=0.9, verbose=True)
+        mask = old_stats.denoise(features, labels, keep=0.9, verbose=True)
         results["denoise_s"] = round(time.perf_counter() - start, 1)
         results["credible_fraction"] = round(float(mask.mean()), 4)
         results["denoise_peak_anon_rss_gib"] = round(anon.peak_kib / 2**20, 2)
@@ -104,11 +104,11 @@ def measure(folder: str, tools: list[str]) -> dict:
         )
         if "class-means" in tools:
             start = time.perf_counter()
-            prepare.class_means(features, labels, verbose=True)
+            old_stats.class_means(features, labels, verbose=True)
             results["class_means_s"] = round(time.perf_counter() - start, 1)
         if "advbct-meta" in tools:
             start = time.perf_counter()
-            prepare.advbct_meta(features, labels, verbose=True)
+            old_stats.advbct_meta(features, labels, verbose=True)
             results["advbct_meta_s"] = round(time.perf_counter() - start, 1)
     results["all_tools_peak_anon_rss_gib"] = round(anon.peak_kib / 2**20, 2)
 

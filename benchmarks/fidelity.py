@@ -252,6 +252,7 @@ def _save_json(path: pathlib.Path, obj) -> None:
 def _prepare_old(olds_dir: pathlib.Path, old: OldModel, ds: dict[str, str], clock: Clock) -> dict[str, str]:
     """Trains the old model, extracts its embeddings of the new training set and writes every method's arrays."""
     from mixbct_jax import extract, prepare, train
+    from mixbct_jax.data import old_stats
 
     old_dir, emb = olds_dir / old.name, olds_dir / old.name / "emb"
     clock.stage(f"old model {old.name}", old.steps,
@@ -263,7 +264,7 @@ def _prepare_old(olds_dir: pathlib.Path, old: OldModel, ds: dict[str, str], cloc
         extract.extract(old_dir, None, emb, role="new", batch_size=256)
     feats, labels = emb / "features.npy", emb / "labels.npy"
     if not (emb / "credible.npy").exists():
-        mask = prepare.denoise(np.load(feats, mmap_mode="r"), np.load(labels), keep=KEEP)
+        mask = old_stats.denoise(np.load(feats, mmap_mode="r"), np.load(labels), keep=KEEP)
         np.save(emb / "credible_all.npy", np.ones_like(mask))
         _save_json(emb / "denoise.json", {"keep": KEEP, "rows": int(mask.size), "removed": int((~mask).sum())})
         np.save(emb / "credible.npy", mask)  # last: its presence marks the step done

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mixbct_jax import prepare
+from mixbct_jax.data import old_stats
 from mixbct_jax.data import old_embeddings as oe
 
 N, D, C = 50, 8, 5
@@ -20,10 +20,10 @@ def files(tmp_path):
     paths = {name: str(tmp_path / f"{name}.npy") for name in ("features", "labels", "credible", "prototypes")}
     np.save(paths["features"], features)
     np.save(paths["labels"], labels)
-    np.save(paths["credible"], prepare.denoise(features, labels, keep=0.9))
-    np.save(paths["prototypes"], prepare.class_means(features, labels, C))
+    np.save(paths["credible"], old_stats.denoise(features, labels, keep=0.9))
+    np.save(paths["prototypes"], old_stats.class_means(features, labels, C))
     paths["advbct_meta"] = str(tmp_path / "meta.npz")
-    np.savez(paths["advbct_meta"], **prepare.advbct_meta(features, labels, C))
+    np.savez(paths["advbct_meta"], **old_stats.advbct_meta(features, labels, C))
     return paths, labels
 
 

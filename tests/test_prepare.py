@@ -8,6 +8,7 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from mixbct_jax import prepare
+from mixbct_jax.data import old_stats
 
 SIZES = (1, 2, 3, 10, 11, 37)
 
@@ -103,7 +104,7 @@ def _grouped_data(seed=0, sizes=SIZES, dim=8, dtype=np.float32):
 @pytest.mark.parametrize("keep", [0.9, 0.6, 1.0, 0.0])
 def test_denoise_matches_loop_reference(chunk_rows, keep):
     features, labels = _grouped_data()
-    mask = prepare.denoise(features, labels, keep=keep, chunk_rows=chunk_rows)
+    mask = old_stats.denoise(features, labels, keep=keep, chunk_rows=chunk_rows)
     assert mask.dtype == np.bool_ and mask.shape == labels.shape
     np.testing.assert_array_equal(mask, ref_denoise(features, labels, keep))
 
@@ -112,13 +113,13 @@ def test_denoise_float16_memmap(tmp_path):
     features, labels = _grouped_data(seed=1, dim=16, dtype=np.float16)
     np.save(tmp_path / "f.npy", features)
     mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
-    mask = prepare.denoise(mapped, labels, keep=0.9, chunk_rows=5)
+    mask = old_stats.denoise(mapped, labels, keep=0.9, chunk_rows=5)
     np.testing.assert_array_equal(mask, ref_denoise(features, labels, 0.9))
 
 
 def test_denoise_keep_counts_per_class():
     features, labels = _grouped_data(seed=2)
-    mask = prepare.denoise(features, labels, keep=0.9)
+    mask = old_stats.denoise(features, labels, keep=0.9)
     kept = [int(mask[labels == value].sum()) for value in dict.fromkeys(labels)]
     # the reference's documented toy example: n=10 keeps 9, n=1 keeps 1; and ceil(0.9 n) for the others (n=11 keeps 10).
     assert kept == [1, 2, 3, 9, 10, 34]
@@ -136,14 +137,14 @@ def test_denoise_columns_normalised_over_full_dataset():
     expected = ref_denoise(features, labels, 0.7)
     wrong = ref_denoise(features, labels, 0.7, per_class_columns=True)
     assert not np.array_equal(expected, wrong), "the data must tell the two normalisations apart"
-    np.testing.assert_array_equal(prepare.denoise(features, labels, keep=0.7), expected)
+    np.testing.assert_array_equal(old_stats.denoise(features, labels, keep=0.7), expected)
 
 
 def test_denoise_zero_column_and_zero_row():
     features, labels = _grouped_data(seed=4)
     features[:, 3] = 0.0
     features[5] = 0.0
-    mask = prepare.denoise(features, labels, keep=0.9, chunk_rows=4)
+    mask = old_stats.denoise(features, labels, keep=0.9, chunk_rows=4)
     np.testing.assert_array_equal(mask, ref_denoise(features, labels, 0.9))
 
 
@@ -152,7 +153,7 @@ def test_denoise_ties_keep_the_earlier_row():
     features = rng.normal(size=(10, 4)) * 0.01 + 1.0
     features[2] = features[6] = [3.0, -1.0, 0.5, 2.0]  # two identical outliers: ranks 8 and 9 tie
     labels = np.zeros(10, np.int64)
-    mask = prepare.denoise(features, labels, keep=0.9, chunk_rows=3)
+    mask = old_stats.denoise(features, labels, keep=0.9, chunk_rows=3)
     assert mask.sum() == 9 and mask[2] and not mask[6]
 
 
@@ -160,13 +161,13 @@ def test_denoise_label_in_two_runs_raises():
     features, _ = _grouped_data(seed=6, sizes=(3, 4, 2))
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 0, 0])
     with pytest.raises(ValueError, match=r"label 0 appears in two separate runs.*rows 0 and 7.*--group_by_label"):
-        prepare.denoise(features, labels)
+        old_stats.denoise(features, labels)
 
 
 def test_denoise_group_by_label_matches_grouped_reference():
     features, labels = _grouped_data(seed=7)
     perm = np.random.default_rng(7).permutation(len(labels))
-    mask = prepare.denoise(features[perm], labels[perm], keep=0.9, group_by_label=True, chunk_rows=6)
+    mask = old_stats.denoise(features[perm], labels[perm], keep=0.9, group_by_label=True, chunk_rows=6)
     # The reference on the grouped order, brought back to the shuffled order. Within a class the
     # shuffled order is the file order, so the grouping sort must be stable.
     grouped = np.argsort(labels[perm], kind="stable")
@@ -178,12 +179,12 @@ def test_denoise_group_by_label_matches_grouped_reference():
 def test_denoise_rejects_bad_input():
     features, labels = _grouped_data(seed=8)
     with pytest.raises(ValueError, match="keep must lie in"):
-        prepare.denoise(features, labels, keep=1.5)
+        old_stats.denoise(features, labels, keep=1.5)
     with pytest.raises(ValueError, match="labels has 63 entries"):
-        prepare.denoise(features, labels[:-1])
+        old_stats.denoise(features, labels[:-1])
     features[17, 2] = np.nan
     with pytest.raises(ValueError, match="row 17 contains NaN"):
-        prepare.denoise(features, labels, chunk_rows=5)
+        old_stats.denoise(features, labels, chunk_rows=5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_class_means_match_loop(normalize):
     rng = np.random.default_rng(9)
     labels = rng.integers(0, 6, size=80)
     features = (rng.normal(size=(80, 5)) + 3).astype(np.float16)
-    got = prepare.class_means(features, labels, normalize=normalize, chunk_rows=9)
+    got = old_stats.class_means(features, labels, normalize=normalize, chunk_rows=9)
     assert got.dtype == np.float32 and got.shape == (6, 5)
     np.testing.assert_allclose(got, ref_class_means(features, labels, 6, normalize), rtol=1e-6, atol=1e-6)
 
@@ -203,11 +204,11 @@ def test_class_means_missing_class_is_zero_and_warns():
     features, _ = _grouped_data(seed=10, sizes=(3, 4))
     labels = np.array([0, 0, 0, 3, 3, 3, 3])
     with pytest.warns(UserWarning, match=r"3 of 5 classes have no example \(first ids: \[1, 2, 4\]\)"):
-        got = prepare.class_means(features, labels, num_classes=5)
+        got = old_stats.class_means(features, labels, num_classes=5)
     np.testing.assert_allclose(got, ref_class_means(features, labels, 5, True), atol=1e-6)
     assert not got[[1, 2, 4]].any()
     with pytest.raises(ValueError, match="label 3 at row 3 is >= num_classes=2"):
-        prepare.class_means(features, labels, num_classes=2)
+        old_stats.class_means(features, labels, num_classes=2)
 
 
 def test_advbct_meta_matches_loop():
@@ -228,7 +229,7 @@ def test_advbct_meta_matches_loop():
     features[shell[:2], 1:] = 0.0
     features = features.astype(np.float32)
     with pytest.warns(UserWarning, match="1 of 9 classes have no example"):
-        meta = prepare.advbct_meta(features, labels, num_classes=9, chunk_rows=13)
+        meta = old_stats.advbct_meta(features, labels, num_classes=9, chunk_rows=13)
     centers, radius_max, num_kept = ref_advbct(features, labels, 9)
     assert meta["centers"].dtype == np.float32 and meta["num_kept"].dtype == np.int32
     np.testing.assert_allclose(meta["centers"], centers, atol=1e-6)

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixbct_jax import files, prepare
+from mixbct_jax import files
+from mixbct_jax.data import old_stats
 from mixbct_jax.bct import bct
 
 CONSTS = ("prototypes",)
@@ -156,7 +157,7 @@ def compute_prototypes(config, *, embed_new: Callable[[np.ndarray], np.ndarray],
     if cfg.unibct_affinity not in AFFINITIES:
         raise ValueError(f"config.bct.unibct_affinity={cfg.unibct_affinity!r}: choose one of {AFFINITIES}")
     if cfg.unibct_affinity == "column":
-        table = prepare.class_means(old.features, labels, num_classes, normalize=False)
+        table = old_stats.class_means(old.features, labels, num_classes, normalize=False)
     else:
         order = np.argsort(labels, kind="stable")
         sorted_labels = labels[order]
