@@ -162,9 +162,11 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
 
 
 def runs_of(track: Track) -> list[tuple[int, Run]]:
-    """(priority, run): main methods at the first seed (0), at the other seeds (1), side methods (2), knobs (3)."""
+    """(priority, run): main methods at the first seed (0), at the second (1), later seeds (1.5 and on), side methods
+    (2), knobs (3); so when time is short every track gets its second seed before any gets its third."""
     first = track.seeds[0]
-    out = [(0 if s == first else 1, Run(track.name, m, s)) for s in track.seeds for m in track.main]
+    out = [(0 if i == 0 else 0.5 + 0.5 * i, Run(track.name, m, s)) for i, s in enumerate(track.seeds)
+           for m in track.main]
     out += [(2, Run(track.name, m, first)) for m in track.side]
     out += [(3, Run(track.name, "mixbct", first, alpha=a)) for a in track.alphas]
     if track.denoise_off:
