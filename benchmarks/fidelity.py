@@ -102,8 +102,13 @@ def datasets(data: pathlib.Path) -> dict[str, dict[str, str]]:
 
 
 def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
-    """The old models and tracks of a scale: ``cpu`` (the default, ~1 h on 2 cores) or ``gpu``."""
-    if scale == "cpu":
+    """The old models and tracks of a scale.
+
+    ``cpu`` (the default, ~1 h on 2 idle cores): every method and MixBCT's knobs at 10 epochs. ``cpu-long`` (~2 h):
+    the convergence grid, the main rows at 30 epochs (three seeds), 60 epochs and on the synthetic identities; same
+    old models and stage folders, so both can share one ``--out``. ``gpu``: every track, wider and longer.
+    """
+    if scale in ("cpu", "cpu-long"):
         # Old: one block per stage; new: two (r18's depth) at the same width, ~2x the FLOPs (r50/r18: ~2.4x).
         old_w, new_w, arch_new, d_full, steps_old, steps_new, batch_seeds = 0.125, 0.125, "r18", 64, 400, 600, 3
         alphas, side = (0.1, 0.5), ("bct", "unibct", "advbct", "nccl", "weakened_l2")
@@ -114,7 +119,7 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
         old_w, new_w, arch_new, d_full, steps_old, steps_new, batch_seeds = 0.125, 0.125, "r18", 64, 10, 12, 1
         alphas, side = (0.1,), ("weakened_l2", "bct", "unibct", "nccl", "advbct")
     else:
-        raise ValueError(f"--scale {scale!r}: choose cpu or gpu")
+        raise ValueError(f"--scale {scale!r}: choose cpu, cpu-long, gpu or smoke")
     main = ("none", "mixbct", "l2") if side else METHODS
     olds = {
         "omniglot_arcface": OldModel("omniglot_arcface", "omniglot",
@@ -158,6 +163,11 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
         "omniglot_vit": Track("omniglot_vit", "omniglot_arcface", dict(arch="vit_tiny", embedding_size=d_full),
                               steps_new, seeds[:1], main[:3], (), (), False, priority=0.8),
     }
+    long_tracks = ("omniglot_arcface_long", "omniglot_softmax_long", "omniglot_arcface_xlong", "synthetic_arcface")
+    if scale == "cpu":
+        tracks = {k: v for k, v in tracks.items() if k not in long_tracks}
+    elif scale == "cpu-long":
+        tracks = {k: v for k, v in tracks.items() if k in long_tracks}
     return olds, tracks
 
 
@@ -747,8 +757,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("run", "report", "plan"))
     p.add_argument("--out", default="runs/fidelity")
-    p.add_argument("--scale", default="cpu", choices=("cpu", "gpu", "smoke"),
-                   help="cpu: tiny models, ~1 h on 2 cores; gpu: wider/deeper, longer, 5 seeds of every method")
+    p.add_argument("--scale", default="cpu", choices=("cpu", "cpu-long", "gpu", "smoke"),
+                   help="cpu: tiny models, 10 epochs, ~1 h on 2 cores; cpu-long: the convergence grid (30 and 60 "
+                        "epochs), ~2 h; gpu: wider/deeper, longer, 5 seeds of every method")
     p.add_argument("--tracks", default=None, help="comma-separated track names (default: all of the scale)")
     p.add_argument("--only", default=None, help="fnmatch pattern on TRACK/RUN, e.g. 'omniglot_*/mixbct*'")
     p.add_argument("--data", default=str(OMNIGLOT), help="omniglot_small_28.npz")
