@@ -4,7 +4,7 @@
 
 1:1: 15.6M random template pairs over 23k templates x 512-d, scored both ways (blocks of template rows x
 matmul; chunked gather + einsum), and the TAR@FAR/AUC metrics (sklearn roc_curve). 1:N: 20k probes against a
-3.5k-template gallery (similarity blocks, TPIR and rank-k). Figures are recorded in docs/notes_evaluation.md.
+3.5k-template gallery (similarity blocks, TPIR and rank-k). Figures are recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations

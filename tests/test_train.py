@@ -1,5 +1,6 @@
 """End to end: the quickstart config trains, checkpoints, resumes exactly, and every config file loads."""
 
+import dataclasses
 import json
 import pathlib
 import pickle
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixbct_jax import checkpoint, config as config_lib, train
+from mixbct_jax import checkpoint, config as config_lib, step as step_lib, train
 from mixbct_jax.data import recordio
 from mixbct_jax.data.synthetic import SyntheticFaces
 
@@ -37,11 +38,44 @@ def backbone(workdir):
     return variables
 
 
+def record_steps(monkeypatch) -> list[dict]:
+    """Records every train step the next runs take, as host copies: state in and out, batch, key, consts, metrics.
+
+    The record of a run's step ``s`` holds ``state_in`` (the state before it), ``batch`` (the global batch it
+    consumed) and ``step`` (the compiled step function itself, unwrapped, with its ``par``), so a test can replay it.
+    """
+    records: list[dict] = []
+    original = step_lib.parallelize
+
+    def parallelize(*args, **kwargs):
+        par = original(*args, **kwargs)
+
+        def step(state, batch, key, consts):
+            record = dict(par=par, step=par.step, state_in=jax.device_get(state), batch=jax.device_get(batch),
+                          key=key, consts=consts)
+            state, metrics = par.step(state, batch, key, consts)  # donates the state: copy it before, as above
+            records.append(dict(record, state_out=jax.device_get(state), metrics=jax.device_get(metrics)))
+            return state, metrics
+
+        return dataclasses.replace(par, step=step)
+
+    monkeypatch.setattr(step_lib, "parallelize", parallelize)
+    return records
+
+
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def straight_steps(tmp_path_factory):
+    """``quick(6)`` on 4 devices, uninterrupted: its run directory and the record of its 6 steps."""
     workdir = tmp_path_factory.mktemp("straight")
-    train.train_and_evaluate(quick(6), workdir)
-    return workdir
+    with pytest.MonkeyPatch.context() as mp:
+        records = record_steps(mp)
+        train.train_and_evaluate(quick(6), workdir)
+    return workdir, records
+
+
+@pytest.fixture(scope="module")
+def straight_run(straight_steps):
+    return straight_steps[0]
 
 
 def test_quickstart_trains_and_writes_run_directory(straight_run):
@@ -90,17 +124,43 @@ def test_rerunning_the_same_command_resumes_and_matches_a_straight_run(tmp_path,
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_a_run_resumes_on_another_number_of_devices(tmp_path, straight_run, monkeypatch):
-    """Checkpoints hold global arrays: 3 steps on 4 devices, then the rest on 2, loss close to the straight run."""
+def assert_trees_equal(actual, expected, what: str) -> None:
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), what
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+def test_a_run_resumes_on_another_number_of_devices(tmp_path, straight_steps, monkeypatch):
+    """Checkpoints hold global arrays: 3 steps on 4 devices, then the rest on 2 continue the straight run exactly.
+
+    After the move the run must start from the straight run's in-memory state at step 3 (parameters, row-sharded
+    class centres, BatchNorm statistics, optimizer slots, step), bit for bit, and consume the straight run's
+    batches 4-6. Its steps then equal a replay of the 2-device step on those: the only difference from the
+    straight run is the documented one, BatchNorm statistics over 16 rows per device instead of 8.
+    """
+    straight_dir, straight = straight_steps
     workdir = tmp_path / "moved"
     kill_after_checkpoint(workdir, monkeypatch)
+    moved = record_steps(monkeypatch)
     train.train_and_evaluate(quick(6, num_devices=2), workdir)
-    records, straight = metrics(workdir), metrics(straight_run)
+    assert [r["par"].num_devices for r in moved] == [2, 2, 2] and [r["par"].num_devices for r in straight] == [4] * 6
+    assert_trees_equal(moved[0]["state_in"], straight[2]["state_out"], "restored state at step 3")
+    for s, (m, r) in enumerate(zip(moved, straight[3:]), start=4):
+        assert_trees_equal(m["batch"], r["batch"], f"batch of step {s}")
+
+    # Replay: the straight run's step-3 state and batches 4-6 through the resumed process's own 2-device step.
+    par = moved[0]["par"]
+    state, losses = par.to_device(straight[2]["state_out"]), []
+    for r in straight[3:]:
+        state, out = moved[0]["step"](state, par.put_batch(r["batch"]), moved[0]["key"], moved[0]["consts"])
+        losses.append(float(out["loss"]))
+    assert_trees_equal(moved[-1]["state_out"], jax.device_get(state), "state at step 6")
+    records = metrics(workdir)
     assert [r["step"] for r in records] == [2, 4, 6]
-    # Same data and parameters; only the BatchNorm batch differs (8 instead of 4 rows per device) after the move.
-    np.testing.assert_allclose(records[0]["loss"], straight[0]["loss"], rtol=1e-6)
-    assert np.isfinite(records[-1]["loss"])
-    assert abs(records[-1]["loss"] - straight[-1]["loss"]) < 0.5 * straight[-1]["loss"]
+    assert records[0]["loss"] == metrics(straight_dir)[0]["loss"]  # written before the move
+    np.testing.assert_allclose([records[1]["loss"], records[2]["loss"]], [losses[0], losses[2]], rtol=1e-6)
+    # The per-device BatchNorm difference is real: the 4-device straight run's step 4 took another loss.
+    assert losses[0] != float(straight[3]["metrics"]["loss"])
 
 
 def test_finished_run_is_not_retrained(straight_run, capsys):

@@ -437,7 +437,7 @@ def pair_scores(
       'blocks': per block of `block_rows` distinct rows1 templates, one matmul against all of feats2, then
         pick the pairs' entries (BLAS-bound; block_rows*T2 floats). It computes every score of the block, so
         it wins when pairs are dense in the template grid: IJB-C has 15.6M pairs over 23k templates (8-10 s
-        vs 11-36 s for gather on a 2-core CPU, docs/notes_evaluation.md), and BLAS scales with cores.
+        vs 11-36 s for gather on a 2-core CPU, docs/benchmarks.md), and BLAS scales with cores.
 
     Args:
       feats1: float32 [T1,D] normalised template features for the first column.

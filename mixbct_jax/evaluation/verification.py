@@ -41,7 +41,7 @@ def _decode(data: bytes, image_size: int, where: str) -> np.ndarray:
         s = image_size / min(h, w)
         nh, nw = max(image_size, round(h * s)), max(image_size, round(w * s))
         img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_CUBIC)
-        # The reference cannot stack non-square results; we centre-crop (docs/notes_evaluation.md).
+        # The reference cannot stack non-square results; we centre-crop (docs/deviations.md, section 5).
         top, left = (nh - image_size) // 2, (nw - image_size) // 2
         img = img[top : top + image_size, left : left + image_size]
     return img
