@@ -116,26 +116,23 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-METHOD_PRESETS = ("mixbct", "none", "l2", "weakened_l2", "bct", "unibct", "nccl", "advbct")
-
-
 def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
-    """Sets ``c.bct`` and the schedule for ``method`` as the reference's configs do (docs/methods.md (settings per method)).
+    """Sets ``c.bct.method`` and the method's preset (its ``bct.api.Method.presets``), the reference's settings
+    for it (docs/methods.md (settings per method)).
 
-    ``weakened_l2`` is the L2 method with threshold 0.2; BCT keeps the reference's ``warmup_epoch = -1`` quirk
-    (its learning rate starts at 0.1 * (35/36)^2); UniBCT uses StepLR at epochs 20/26/32.
+    ``method`` is a preset name: a method's name, or another preset of a method (``weakened_l2``: the L2 method
+    with threshold 0.2). BCT keeps the reference's ``warmup_epoch = -1`` quirk (its learning rate starts at
+    0.1 * (35/36)^2); UniBCT uses StepLR at epochs 20/26/32.
     """
-    if method not in METHOD_PRESETS:
-        raise ValueError(f"method={method!r}: choose one of {METHOD_PRESETS}")
-    c.bct.method = "l2" if method == "weakened_l2" else method
-    if method in ("l2", "weakened_l2"):
-        c.bct.l2_weight = 10.0  # weight of the L2 hinge
-        c.bct.l2_threshold = 0.2 if method == "weakened_l2" else 0.0
-    if method == "bct":
-        c.optim.warmup_epochs = -1.0
-    if method == "unibct":
-        c.optim.schedule = "step"
-        c.optim.decay_epochs = (20, 26, 32)
+    from mixbct_jax import bct
+
+    presets = bct.presets()
+    if method not in presets:
+        raise ValueError(f"method={method!r}: choose one of {tuple(presets)}")
+    c.bct.method = presets[method].name
+    for dotted, value in presets[method].presets[method].items():
+        section, field = dotted.rsplit(".", 1)
+        _get(c, section)[field] = value
 
 
 def configs_dir() -> pathlib.Path:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import pathlib
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from mixbct_jax.evaluation import ijb, report, retrieval, verification
 from mixbct_jax.evaluation.embedding import Embedder, image_size_of
@@ -151,6 +153,71 @@ def evaluate(
         if out_dir is not None:  # after each protocol, so a later failure keeps what is done
             report.write_report(results, out_dir)
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# During training (mixbct_jax/train.py): the same protocols on the model being trained
+# ---------------------------------------------------------------------------------------------------------------
+class PeriodicEval:
+    """Retrieval and ``.bin`` verification of the model being trained every ``evals.every_steps``, self and
+    against the old model's gallery when ``config.old.workdir`` is set.
+
+    Uses the same code as ``python -m mixbct_jax.evaluate``; the numbers go to metrics.jsonl as
+    ``eval/<query>/<gallery>/<metric>`` and ``eval/<bin name>/<query>/<gallery>/accuracy``.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.old_embedder = None
+        self.bins: dict[str, tuple] = {}
+
+    def evaluate(self, variables, step: int) -> dict[str, Any]:
+        from mixbct_jax import embed
+        from mixbct_jax.data import sources
+
+        c = self.config
+        embedders = {"new": embed.make_embedder(c, variables, batch_size=c.evals.batch_size)}
+        rows = [("new", "new")]
+        if c.old.workdir:
+            if self.old_embedder is None:
+                self.old_embedder = embed.load_embedder(c.old.workdir, batch_size=c.evals.batch_size)
+            embedders["old"] = self.old_embedder
+            rows.append(("new", "old"))
+        record: dict[str, Any] = {"step": step}
+        if c.evals.retrieval:
+            results = retrieval.evaluate_retrieval(sources.open_source(c.evals.retrieval), embedders, rows,
+                                                   batch_size=c.evals.batch_size)
+            for row, metrics in results.items():
+                record.update({f"eval/{row}/{k}": float(metrics[k]) for k in ("top1", "top5", "mAP")})
+        for path in filter(None, c.evals.bin.split(",")):
+            if path not in self.bins:  # decode each pair set once per run
+                self.bins[path] = verification.load_bin(path, image_size=c.model.input_size)
+            images, issame = self.bins[path]
+            name = pathlib.Path(path).stem
+            for row, metrics in verification.evaluate_bin(images, issame, embedders, rows).items():
+                record[f"eval/{name}/{row}/accuracy"] = float(metrics["accuracy"])
+        return record
+
+
+def final_evals(config, workdir) -> dict[str, Any]:
+    """The finished run's ``evaluate`` over ``config.evals`` (retrieval and .bin), written to ``<workdir>/eval``;
+    ``{'evals': {protocol name: result}}``, or {} when no protocol is set (and on every process but the first)."""
+    import jax
+
+    protocols = [("retrieval", config.evals.retrieval)] if config.evals.retrieval else []
+    protocols += [("bin", b) for b in filter(None, config.evals.bin.split(","))]
+    if not protocols or jax.process_index() != 0:
+        return {}
+    results = evaluate(workdir, config.old.workdir or None, protocols, out_dir=pathlib.Path(workdir) / "eval",
+                       batch_size=config.evals.batch_size)
+    return {"evals": results["protocols"]}
+
+
+def headlines(final: dict[str, Any]) -> dict[str, Any]:
+    """``final_evals``' headline number per protocol and row, for TensorBoard."""
+    return {"final": {report.short_name(name): {row: report.headline(p["protocol"], m)[0]
+                                                for row, m in p["rows"].items()}
+                      for name, p in final["evals"].items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
