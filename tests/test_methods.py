@@ -17,7 +17,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mixbct_jax import bct as bct_lib, config as config_lib, step as step_lib
 from mixbct_jax.bct import advbct, api, bct, l2, nccl, unibct
-from mixbct_jax.data import old_embeddings as oe, splits
+from mixbct_jax.data import old_embeddings as oe, old_stats, splits
 from mixbct_jax.heads import sharded_fc
 
 W, C, N, D = 4, 10, 16, 16
@@ -498,3 +498,38 @@ def test_method_trains_through_the_step(name):
     assert all(math.isfinite(h["loss"]) and h["finite"] == 1 for h in history)
     assert all(h["extra_loss"] > 0 for h in history)
     assert history[-1]["cls_loss"] < history[0]["cls_loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every preset, as a user selects it
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", sorted(bct_lib.presets()))
+def test_every_preset_loads_and_trains_a_step(preset, tmp_path):
+    """``quickstart:method=<preset>`` applies the method's preset and trains one step from real old-array files."""
+    from mixbct_jax import method_host
+
+    c = config_lib.load("quickstart", f"role=new,method={preset}").unlock()
+    method = bct_lib.presets()[preset]
+    assert c.bct.method == method.name
+    for dotted, value in method.presets[preset].items():  # e.g. BCT's warm-up quirk, weakened L2's threshold
+        section, field = dotted.rsplit(".", 1)
+        assert c[section][field] == value
+    c.model.width, c.model.embedding_size, c.data.global_batch, c.bct.nccl_queue_size = 0.125, D, N, 32
+    rng = np.random.RandomState(12)
+    labels = np.repeat(np.arange(C), 2)[:N].astype(np.int32)
+    features = rng.normal(size=(N, D)).astype(np.float32)
+    np.save(tmp_path / "features.npy", features)
+    np.save(tmp_path / "credible.npy", old_stats.denoise(features, labels, keep=0.9))
+    np.save(tmp_path / "prototypes.npy", old_stats.class_means(features, labels, C))
+    np.savez(tmp_path / "advbct_meta.npz", **old_stats.advbct_meta(features, labels, C))
+    for field, name in (("features", "features.npy"), ("credible", "credible.npy"), ("prototypes", "prototypes.npy"),
+                        ("advbct_meta", "advbct_meta.npz")):
+        c.old[field] = str(tmp_path / name)
+    ts = step_lib.build(c, num_classes=C, steps_per_epoch=10, total_steps=100, mesh=MESH)
+    host = method_host.MethodHost(c, ts, splits.Subset(np.arange(N), labels, C), tmp_path)
+    batch = {"image": rng.randint(0, 256, (N, 32, 32, 3)).astype(np.uint8), "label": labels,
+             "index": np.arange(N, dtype=np.int32)}
+    state = ts.to_device(ts.init(jax.random.key(0)))
+    state, metrics = ts.step(state, ts.put_batch(host.batch(batch)), jax.random.key(1), host.refresh(0, state))
+    assert float(metrics["finite"]) == 1 and math.isfinite(float(metrics["loss"]))
+    assert (float(metrics["extra_loss"]) > 0) == (method.extra_loss is not None and method.name != "unibct")

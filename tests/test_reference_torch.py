@@ -209,27 +209,22 @@ def initial_state(method, world, warmup_epochs):
     tx = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, total_steps=STEPS_PER_EPOCH * NUM_EPOCHS,
                                                                 steps_per_epoch=STEPS_PER_EPOCH))
     init = jax.jit(lambda key: step_lib.init_state(config, model, bct.get(method), tx, key=key, num_classes=C,
-                                                   num_shards=world))
+                                                   num_shards=world))  # the state step.build's init_fn makes
     return jax.tree.map(np.array, init(jax.random.key(0)))
 
 
 def run_jax(method, world, batches, consts, warmup_epochs):
     config = jax_config(method, warmup_epochs)
-    model = models.build("r_tiny", embedding_size=D, input_size=SIZE, width=WIDTH)
-    schedule = optim.make_schedule(config.optim, total_steps=STEPS_PER_EPOCH * NUM_EPOCHS,
-                                   steps_per_epoch=STEPS_PER_EPOCH)
-    tx = optim.make_optimizer(config.optim, schedule)
-    module = bct.get(method)
     initial = initial_state(method, world, warmup_epochs)
     state = jax.tree.map(jax.numpy.asarray, initial)
-    body = step_lib.make_body(config, model, module, tx, schedule, num_classes=C, global_batch=N,
-                              steps_per_epoch=STEPS_PER_EPOCH, total_steps=STEPS_PER_EPOCH * NUM_EPOCHS)
-    par = step_lib.parallelize(body, state, mesh=Mesh(np.array(jax.devices()[:world]), ("data",)), consts=consts)
+    par = step_lib.build(config, num_classes=C, steps_per_epoch=STEPS_PER_EPOCH,
+                         total_steps=STEPS_PER_EPOCH * NUM_EPOCHS, mesh=Mesh(np.array(jax.devices()[:world]), ("data",)))
+    module = par.method
     st, device_consts = par.to_device(state), par.consts_to_device(consts)
     losses, after = [], {}
     for i, batch in enumerate(batches):
         fed = {k: batch[k] for k in ("image", "label", "index")}
-        fed.update({k: batch[k] for k in module.NEEDS} if hasattr(module, "NEEDS") else {})
+        fed.update({k: batch[k] for k in module.per_example})
         st, metrics = par.step(st, par.put_batch(fed), jax.random.key(1), device_consts)
         losses.append(float(metrics["loss"]))
         after[i + 1] = jax_trainable(par.from_device(st))
