@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import pathlib
 
-from mixbct_jax.bct.api import Method
+from mixbct_jax.bct.api import ClassFile, Field, Method
 
 # Every module of this package except the contract itself, in a fixed order.
 METHODS = tuple(sorted(p.stem for p in pathlib.Path(__file__).parent.glob("*.py")
@@ -29,3 +29,18 @@ def get(name: str) -> Method:
 def presets() -> dict[str, Method]:
     """Every preset name (``config.apply_method``'s ``method=``) -> the method that defines it."""
     return {preset: method for method in map(get, METHODS) for preset in method.presets}
+
+
+def config_fields() -> list[Field]:
+    """Every method's ``config.bct`` fields, each once (a shared field must be declared identically)."""
+    fields: dict[str, Field] = {}
+    for method in map(get, METHODS):
+        for field in method.config:
+            if fields.setdefault(field.name, field) != field:
+                raise ValueError(f"config.bct.{field.name} is declared differently by two methods ({method.name})")
+    return list(fields.values())
+
+
+def class_files() -> list[ClassFile]:
+    """Every method's per-class file (its ``config.old`` field), each field once."""
+    return list({f.field: f for method in map(get, METHODS) for f in method.class_files}.values())

@@ -168,9 +168,15 @@ def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
 
 METHOD = api.Method(
     name="advbct",
+    config=(
+        api.Field("advbct_threshold", 0.4, "radius threshold of the boundary loss", interval=(0, None, True, None)),
+        api.Field("advbct_p2s_weight", 4.0, "point-to-set boundary loss weight"),
+        api.Field("advbct_adv_weight", 4.0, "adversarial loss weight, decayed by (E - e + 1) / E"),
+        api.Field("advbct_hidden", 100, "discriminator hidden width", interval=(1, None, True, None)),
+    ),
     presets={"advbct": {}},
     per_example=("old_features",),
-    class_files=(api.ClassFile(field="advbct_meta", command=_META, load=load_meta),),
+    class_files=(api.ClassFile(field="advbct_meta", command=_META, load=load_meta, doc="advbct meta .npz (AdvBCT)"),),
     per_label=tuple(name for name, _ in _META_TABLES.values()),
     init=init,
     extra_loss=extra_loss,

@@ -3,7 +3,9 @@
 Every module ``mixbct_jax/bct/<name>.py`` exports ``METHOD = Method(...)``; the module path is the registry
 (``bct.get(name)``). A method declares, as data, everything the trainer must do for it:
 
-* its config presets (``presets``: the reference's recipe quirks, applied by ``config.apply_method``);
+* its config fields (``config``: ``config.bct.<name>`` with default, meaning and allowed values, collected by
+  ``config.default_config``), its own checks of a config (``check``) and its presets (``presets``: the
+  reference's recipe quirks, applied by ``config.apply_method``);
 * the old model's host arrays it needs: per example (``per_example``: ``'old_features'``, ``'credible'``),
   per class (``class_files``: files named by ``config.old.<field>`` holding ``[C, ...]`` tables, each table fed
   either by label with every batch, ``per_label``, or whole as a frozen constant, ``consts``);
@@ -81,6 +83,25 @@ class StepContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class Field:
+    """A ``config.bct.<name>`` field of a method, added to ``config.default_config()``.
+
+    Attributes:
+      name: the field under ``config.bct``.
+      default: its default value.
+      doc: one line of meaning (``python -m mixbct_jax.config --show``).
+      choices: the allowed values, or () for any.
+      interval: ``(low, high, low inclusive, high inclusive)`` for a number, None = unbounded; None for no range.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    choices: tuple = ()
+    interval: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassFile:
     """A file of per-class tables (row c = class c) that a method reads, named by ``config.old.<field>``.
 
@@ -88,11 +109,13 @@ class ClassFile:
       field: the ``config.old`` field holding the path.
       command: the command that writes the file (quoted in error messages).
       load: path -> ``{table name: [C, ...] array}``; raises ``FileNotFoundError``/``ValueError`` in one line.
+      doc: one line of meaning of the ``config.old`` field.
     """
 
     field: str
     command: str
     load: Callable[[str], dict[str, np.ndarray]]
+    doc: str = ""
 
 
 def npy_table(name: str, what: str, command: str) -> Callable[[str], dict[str, np.ndarray]]:
@@ -118,6 +141,10 @@ class Method:
 
     Attributes:
       name: the ``config.bct.method`` value.
+      config: the method's ``config.bct`` fields. A field two methods share (BCT's ``influence_weight``, also
+        UniBCT's) is declared identically by both.
+      check: ``check(config) -> [(dotted field, why), ...]``: the method's own constraints between fields, checked by
+        ``config.validate`` when the method is selected.
       presets: preset name -> ``{dotted config field: value}``, the reference's settings for the method
         (``config.apply_method(c, preset)``); most methods have one preset named like the method.
       per_example: old-model arrays fed with every batch by example index, among ``PER_EXAMPLE``
@@ -142,6 +169,8 @@ class Method:
     """
 
     name: str
+    config: tuple[Field, ...] = ()
+    check: Callable[[Any], list[tuple[str, str]]] | None = None
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     per_example: tuple[str, ...] = ()
     class_files: tuple[ClassFile, ...] = ()

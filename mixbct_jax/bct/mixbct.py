@@ -56,6 +56,8 @@ def before_head(ctx: api.StepContext) -> tuple[jax.Array, dict]:
 
 METHOD = api.Method(
     name="mixbct",
+    config=(api.Field("mix_ratio", 0.3, "MixBCT: share of each device's rows replaced by credible old embeddings",
+                      interval=(0, 1, True, True)),),
     presets={"mixbct": {}},
     per_example=("old_features", "credible"),
     before_head=before_head,

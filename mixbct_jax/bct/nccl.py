@@ -187,8 +187,29 @@ def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     return l1_share + l2_share, state, metrics
 
 
+def check(config) -> list[tuple[str, str]]:
+    """The queue must hold a whole global batch (it is enqueued before the loss)."""
+    if config.bct.nccl_queue_size < config.data.global_batch:
+        return [("bct.nccl_queue_size", f"must be >= config.data.global_batch={config.data.global_batch}")]
+    return []
+
+
 METHOD = api.Method(
     name="nccl",
+    config=(
+        api.Field("nccl_queue_size", 8192, "Q, >= the global batch", interval=(1, None, True, None)),
+        api.Field("nccl_alpha", 1.0, "embedding-level loss weight"),
+        api.Field("nccl_beta", 0.01, "logit-level loss weight"),
+        api.Field("nccl_temperature", 1.0, "softmax temperature of both NCCL losses", interval=(0, None, False, None)),
+        api.Field("nccl_logit_grad", True, "reference: False (its logit loss is built on a non-differentiable gather)"),
+        api.Field("nccl_normalize_logits", True, "cosine of logit vectors; reference: False (raw dot products)"),
+        api.Field("nccl_clamp_logits", False,
+                  "reference: True (clamps the x s logits to [-1, 1], an fp16-branch artefact)"),
+        api.Field("nccl_amplify_grad", False, "reference: True (the embedding-level gradient arrives x #devices)"),
+        api.Field("nccl_count_empty_slots", False,
+                  "reference: True (empty queue slots enter the softmax denominators)"),
+    ),
+    check=check,
     presets={"nccl": {}},
     per_example=("old_features",),
     class_sharded_state=("class_rows",),  # the [C_padded, Q] logit queue

@@ -219,10 +219,23 @@ _CLASS_MEANS = "python -m mixbct_jax.prepare class-means"
 
 METHOD = api.Method(
     name="unibct",
+    config=(
+        api.Field("influence_weight", 1.0, "BCT/UniBCT: weight of the influence loss (CE of n(e) . prototypes)",
+                  interval=(0, None, True, None)),
+        api.Field("unibct_start_epoch", 10, "influence loss weight 0 before this epoch"),
+        api.Field("unibct_refine_epochs", (10, 20), "prototype refinement at the start of these epochs"),
+        api.Field("unibct_affinity", "row", '"row": row-stochastic affinity (paper); "column": reference (= class mean)',
+                  choices=AFFINITIES),
+        api.Field("unibct_lambda", 0.9, "propagation weight of (1 - lam)(I - lam A)^-1", interval=(0, 1, True, False)),
+        api.Field("unibct_temperature", 0.05, "affinity temperature on cosines of the new features",
+                  interval=(0, None, False, None)),
+        api.Field("unibct_normalize_prototypes", False, "reference: refined prototypes stay unnormalised"),
+    ),
     # The reference's StepLR at epochs 20/26/32.
     presets={"unibct": {"optim.schedule": "step", "optim.decay_epochs": (20, 26, 32)}},
     class_files=(api.ClassFile(field="prototypes", command=_CLASS_MEANS,
-                               load=api.npy_table("prototypes", "prototypes", _CLASS_MEANS)),),
+                               load=api.npy_table("prototypes", "prototypes", _CLASS_MEANS),
+                               doc="class means [C, D] (BCT, UniBCT)"),),
     consts=("prototypes",),
     extra_loss=extra_loss,
     host_update=host_update,
