@@ -299,8 +299,9 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
         import jax.numpy as jnp
 
         x = jax.ShapeDtypeStruct((1, args.input_size, args.input_size, 3), jnp.float32)
+        abstract = par.abstract_state()
         variables = {"params": abstract["params"]["backbone"], "batch_stats": abstract["batch_stats"]}
-        cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()
+        cost = jax.jit(lambda v, x: par.model.apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         info["xla_forward_gflop"] = float(cost["flops"]) / 1e9
 
