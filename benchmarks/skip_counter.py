@@ -1,4 +1,4 @@
-"""Cost of the trainer's device-side count of non-finite steps (mixbct_jax/train.py, _SkipCounter.update).
+"""Cost of the trainer's device-side count of non-finite steps (mixbct_jax/nonfinite.py, SkipCounter.update).
 
     python benchmarks/skip_counter.py
 
@@ -10,11 +10,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mixbct_jax import train
+from mixbct_jax import nonfinite
 
 
 def main(n: int = 2000) -> None:
-    counter = train._SkipCounter(0, 20, "/tmp", None)
+    counter = nonfinite.SkipCounter(0, 20, "/tmp", None)
     finite = jnp.float32(1.0)
     counter.update(finite)  # compile
     jax.block_until_ready(counter.counts)

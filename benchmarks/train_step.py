@@ -1,6 +1,6 @@
 """Throughput (img/s) of the jitted train step, against the same step written in PyTorch, in one run.
 
-JAX side: the real step of ``mixbct_jax.step`` (``make_body`` + ``parallelize`` over all local devices, shard_map
+JAX side: the real step of ``mixbct_jax.step`` (``step.build`` over all local devices, shard_map
 by default), an IResNet from ``mixbct_jax.models``, the ArcFace head with class centres sharded over the devices,
 the optax chain of ``mixbct_jax.optim`` (SGD momentum 0.9, coupled weight decay 5e-4, backbone-only global-norm
 clip 5), and optionally the MixBCT mix-up (``--method mixbct``).
@@ -243,7 +243,7 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
     import numpy as np
     from jax.sharding import Mesh
 
-    from mixbct_jax import bct, config as config_lib, models, optim, step as step_lib
+    from mixbct_jax import config as config_lib, step as step_lib
 
     arch = arch or args.arch
     devices = jax.devices()
@@ -262,25 +262,14 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
     config.parallel = args.parallel
     steps_per_epoch, total_steps = 10_000, 1_000_000  # the LR schedule's shape does not matter here
 
-    model = models.build_from_config(config.model)
-    method = bct.get(args.method)
-    schedule = optim.make_schedule(config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    tx = optim.make_optimizer(config.optim, schedule)
     mesh = Mesh(np.array(devices), (step_lib.AXIS,))
-
-    def init():
-        return step_lib.init_state(config, model, method, tx, key=jax.random.key(0), num_classes=args.num_classes,
-                                   num_shards=n)
-
-    abstract = jax.eval_shape(init)
-    body = step_lib.make_body(config, model, method, tx, schedule, num_classes=args.num_classes,
-                              global_batch=args.batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    par = step_lib.parallelize(body, abstract, mesh=mesh, mode=args.parallel)
+    par = step_lib.build(config, num_classes=args.num_classes, steps_per_epoch=steps_per_epoch,
+                         total_steps=total_steps, mesh=mesh)
     t0 = time.perf_counter()
     if args.parallel == "shard_map":
-        state = jax.jit(init, out_shardings=par.state_shardings())()
+        state = par.init(jax.random.key(0))
     else:
-        state = par.to_device(jax.device_get(jax.jit(init)()))
+        state = par.to_device(jax.device_get(jax.jit(par.init_fn)(jax.random.key(0))))
 
     rng = np.random.RandomState(0)
     host = {"image": rng.randint(0, 256, (args.batch, args.input_size, args.input_size, 3)).astype(np.uint8),
@@ -310,8 +299,9 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
         import jax.numpy as jnp
 
         x = jax.ShapeDtypeStruct((1, args.input_size, args.input_size, 3), jnp.float32)
+        abstract = par.abstract_state()
         variables = {"params": abstract["params"]["backbone"], "batch_stats": abstract["batch_stats"]}
-        cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()
+        cost = jax.jit(lambda v, x: par.model.apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         info["xla_forward_gflop"] = float(cost["flops"]) / 1e9
 

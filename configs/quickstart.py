@@ -12,7 +12,8 @@ New model with MixBCT on all the new side's identities, mixing in the old model'
       --config.old.credible=runs/quickstart/old/emb/credible.npy
 
 `make demo` runs exactly these stages (see the Makefile). Arguments (comma-separated k=v):
-  role=old|new, method=none|mixbct|..., scenario=opclass|opdata|exclass|exdata|full, steps=N,
+  role=old|new, method=none|mixbct|l2|weakened_l2|bct|unibct|nccl|advbct (each with its preset,
+  docs/methods.md (settings per method)), scenario=opclass|opdata|exclass|exdata|full, steps=N,
   runlocal (an even smaller run for tests: a few steps).
 
 Data: `synthetic:num_classes=96,...` (mixbct_jax/data/synthetic.py), 32x32 RGB, nothing downloaded.
@@ -39,7 +40,7 @@ def get_config(arg=None):
     c.data.global_batch = 64
     c.optim.lr = 0.1
     c.total_steps = args.steps
-    c.bct.method = args.method
+    config_lib.apply_method(c, args.method)  # the method's preset, as in ms1mv3_r18_to_r50.py
     c.head.scale = 32.0  # 64 is tuned for 93k classes; with ~100 classes a smaller scale trains faster
     c.checkpoint.every_steps = 100
     c.log_every_steps = 25

@@ -29,9 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from mixbct_jax.aliases import PyTree
 from mixbct_jax.files import write_text_atomic
-
-PyTree = Any
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 

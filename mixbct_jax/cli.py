@@ -74,3 +74,24 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+def parse_absl_flags(prog: str, argv: Sequence[str]) -> None:
+    """Parses ``argv`` into absl's ``FLAGS``; a bad value or an override of a config field that does not exist is
+    one ``UserError`` line (absl's ``app.run`` would print a multi-line report)."""
+    import re
+
+    from absl import flags
+
+    try:
+        flags.FLAGS([prog, *argv])
+    except flags.Error as e:
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+        raise UserError(lines[-1] if len(lines) > 1 else str(e)) from None
+    except AttributeError as e:  # ml_collections: an override of a field that does not exist
+        key = (re.findall(r"\w+", str(e)) or ["?"])[0]
+        flag = next((x.split("=", 1)[0] for x in argv if x.startswith("--config.") and
+                     x.split("=", 1)[0].endswith(f".{key}")), f"--config...{key}")
+        hint = re.search(r'Did you mean "[^"]+"', str(e))
+        raise UserError(f"{flag}: {key!r} is not a config field" + (f"; {hint.group(0)}?" if hint else "") +
+                        " (the fields are listed in mixbct_jax/config.py)") from None

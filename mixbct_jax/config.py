@@ -16,6 +16,8 @@ import ml_collections
 
 
 def default_config() -> ml_collections.ConfigDict:
+    from mixbct_jax import bct
+
     c = ml_collections.ConfigDict()
     c.seed = 0  # initialisation, data order, flips and every random choice of the step
     c.parallel = "shard_map"  # or "pmap": the same per-device body under jax.pmap
@@ -62,44 +64,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.decay_epochs = (20, 26, 32)  # for schedule == "step" (UniBCT)
 
     c.bct = ml_collections.ConfigDict()  # docs/methods.md explains every field and each reference quirk
-    c.bct.method = "none"  # none | mixbct | l2 | bct | unibct | nccl | advbct
-    c.bct.mix_ratio = 0.3  # MixBCT: share of each device's rows replaced by credible old embeddings
-    # L2 / weakened L2 (docs/methods.md (L2)): weight x mean hinge of ||n(o) - n(e)|| above the threshold.
-    c.bct.l2_weight = 10.0  # weight of the L2 hinge
-    c.bct.l2_threshold = 0.0  # 0: "L2"; 0.2: "weakened L2"
-    # BCT / UniBCT influence loss (docs/methods.md (BCT)): CE of n(e) . prototypes (no scale, no margin).
-    c.bct.influence_weight = 1.0  # weight of the influence loss
-    # UniBCT (docs/methods.md (UniBCT))
-    c.bct.unibct_start_epoch = 10  # influence loss weight 0 before this epoch
-    c.bct.unibct_refine_epochs = (10, 20)  # prototype refinement at the start of these epochs
-    c.bct.unibct_affinity = "row"  # "row": row-stochastic affinity (paper); "column": reference (= class mean)
-    c.bct.unibct_lambda = 0.9  # propagation weight of (1 - lam)(I - lam A)^-1
-    c.bct.unibct_temperature = 0.05  # affinity temperature on cosines of the new features
-    c.bct.unibct_normalize_prototypes = False  # reference: refined prototypes stay unnormalised
-    # NCCL (docs/methods.md (NCCL))
-    c.bct.nccl_queue_size = 8192  # Q, >= the global batch
-    c.bct.nccl_alpha = 1.0  # embedding-level loss weight
-    c.bct.nccl_beta = 0.01  # logit-level loss weight
-    c.bct.nccl_temperature = 1.0  # softmax temperature of both NCCL losses
-    c.bct.nccl_logit_grad = True  # reference: False (its logit loss is built on a non-differentiable gather)
-    c.bct.nccl_normalize_logits = True  # cosine of logit vectors; reference: False (raw dot products)
-    c.bct.nccl_clamp_logits = False  # reference: True (clamps the x s logits to [-1, 1], an fp16-branch artefact)
-    c.bct.nccl_amplify_grad = False  # reference: True (the embedding-level gradient arrives x #devices)
-    c.bct.nccl_count_empty_slots = False  # reference: True (empty queue slots enter the softmax denominators)
-    # AdvBCT (docs/methods.md (AdvBCT))
-    c.bct.advbct_threshold = 0.4  # radius threshold of the boundary loss
-    c.bct.advbct_p2s_weight = 4.0  # point-to-set boundary loss weight
-    c.bct.advbct_adv_weight = 4.0  # adversarial loss weight, decayed by (E - e + 1) / E
-    c.bct.advbct_hidden = 100  # discriminator hidden width
+    c.bct.method = "none"  # the method, a module of mixbct_jax/bct/: none mixbct l2 bct unibct nccl advbct ...
+    for field in bct.config_fields():  # each method's own fields, declared in its module (bct.api.Field)
+        c.bct[field.name] = field.default
 
     c.old = ml_collections.ConfigDict()  # precomputed arrays of the old model (python -m mixbct_jax.extract/prepare)
     c.old.features = ""  # features.npy [N, D], row i = example index i of this run's training subset
     c.old.labels = ""  # labels.npy written by extract; checked against the source when given
     c.old.credible = ""  # credible.npy bool [N] (MixBCT)
-    c.old.prototypes = ""  # class means [C, D] (BCT, UniBCT)
-    c.old.advbct_meta = ""  # advbct meta .npz (AdvBCT)
     c.old.workdir = ""  # the old model's run directory (UniBCT refinement, periodic cross evaluation)
     c.old.finite_check = "full"  # NaN/Inf check of old.features: "full" (every row, streamed) | "sampled"
+    for class_file in bct.class_files():  # per-class files a method reads (bct.api.ClassFile)
+        c.old[class_file.field] = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000  # save every N steps (and at the end)
@@ -116,26 +92,23 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-METHOD_PRESETS = ("mixbct", "none", "l2", "weakened_l2", "bct", "unibct", "nccl", "advbct")
-
-
 def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
-    """Sets ``c.bct`` and the schedule for ``method`` as the reference's configs do (docs/methods.md (settings per method)).
+    """Sets ``c.bct.method`` and the method's preset (its ``bct.api.Method.presets``), the reference's settings
+    for it (docs/methods.md (settings per method)).
 
-    ``weakened_l2`` is the L2 method with threshold 0.2; BCT keeps the reference's ``warmup_epoch = -1`` quirk
-    (its learning rate starts at 0.1 * (35/36)^2); UniBCT uses StepLR at epochs 20/26/32.
+    ``method`` is a preset name: a method's name, or another preset of a method (``weakened_l2``: the L2 method
+    with threshold 0.2). BCT keeps the reference's ``warmup_epoch = -1`` quirk (its learning rate starts at
+    0.1 * (35/36)^2); UniBCT uses StepLR at epochs 20/26/32.
     """
-    if method not in METHOD_PRESETS:
-        raise ValueError(f"method={method!r}: choose one of {METHOD_PRESETS}")
-    c.bct.method = "l2" if method == "weakened_l2" else method
-    if method in ("l2", "weakened_l2"):
-        c.bct.l2_weight = 10.0  # weight of the L2 hinge
-        c.bct.l2_threshold = 0.2 if method == "weakened_l2" else 0.0
-    if method == "bct":
-        c.optim.warmup_epochs = -1.0
-    if method == "unibct":
-        c.optim.schedule = "step"
-        c.optim.decay_epochs = (20, 26, 32)
+    from mixbct_jax import bct
+
+    presets = bct.presets()
+    if method not in presets:
+        raise ValueError(f"method={method!r}: choose one of {tuple(presets)}")
+    c.bct.method = presets[method].name
+    for dotted, value in presets[method].presets[method].items():
+        section, field = dotted.rsplit(".", 1)
+        _get(c, section)[field] = value
 
 
 def configs_dir() -> pathlib.Path:
@@ -243,7 +216,6 @@ _CHOICES = {
     "data.role": ("old", "new"),
     "head.type": ("arcface", "cosface", "combined", "softmax"),
     "optim.schedule": ("poly", "step"),
-    "bct.unibct_affinity": ("row", "column"),
     "old.finite_check": ("full", "sampled"),
 }
 # (field, low, high, low inclusive, high inclusive); None = unbounded.
@@ -261,16 +233,6 @@ _RANGES = (
     ("optim.weight_decay", 0, None, True, None),
     ("optim.clip_norm", 0, None, True, None),
     ("optim.power", 0, None, True, None),
-    ("bct.mix_ratio", 0, 1, True, True),
-    ("bct.l2_weight", 0, None, True, None),
-    ("bct.l2_threshold", 0, None, True, None),
-    ("bct.influence_weight", 0, None, True, None),
-    ("bct.unibct_lambda", 0, 1, True, False),
-    ("bct.unibct_temperature", 0, None, False, None),
-    ("bct.nccl_queue_size", 1, None, True, None),
-    ("bct.nccl_temperature", 0, None, False, None),
-    ("bct.advbct_threshold", 0, None, True, None),
-    ("bct.advbct_hidden", 1, None, True, None),
     ("checkpoint.every_steps", 1, None, True, None),
     ("checkpoint.keep", 1, None, True, None),
     ("log_every_steps", 1, None, True, None),
@@ -306,14 +268,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     def fail(field: str, why: str) -> None:
         raise ConfigError(f"config.{field}={_get(config, field)!r}: {why}; set --config.{field}=... accordingly")
 
-    for field, choices in _CHOICES.items():
+    fields = bct.config_fields()
+    choices_of = {**_CHOICES, **{f"bct.{f.name}": f.choices for f in fields if f.choices}}
+    for field, choices in choices_of.items():
         if _get(config, field) not in choices:
             fail(field, f"choose one of {choices}")
     if config.model.arch not in models.ARCHS:
         fail("model.arch", f"choose one of {sorted(models.ARCHS)}")
     if config.bct.method not in bct.METHODS:
         fail("bct.method", f"choose one of {bct.METHODS}")
-    for field, low, high, low_in, high_in in _RANGES:
+    for field, low, high, low_in, high_in in _RANGES + tuple((f"bct.{f.name}", *f.interval) for f in fields
+                                                              if f.interval is not None):
         value = _get(config, field)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             fail(field, "must be a finite number")
@@ -338,8 +303,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         fail("optim.decay_epochs", "must be increasing epochs for the step schedule")
     if config.num_devices > 0 and config.data.global_batch % config.num_devices:
         fail("data.global_batch", f"must be divisible by config.num_devices={config.num_devices}")
-    if config.bct.method == "nccl" and config.bct.nccl_queue_size < config.data.global_batch:
-        fail("bct.nccl_queue_size", f"must be >= config.data.global_batch={config.data.global_batch}")
+    method = bct.get(config.bct.method)
+    for field, why in method.check(config) if method.check is not None else ():
+        fail(field, why)
     if not isinstance(config.resume_allow, str):
         fail("resume_allow", "must be a comma-separated list of config fields")
 
@@ -349,14 +315,18 @@ _FIELD_LINE = re.compile(r"^\s*c\.([\w.]+)\s*=\s*(.*?)\s*#\s*(.*)$")
 
 def field_docs() -> dict[str, str]:
     """One line of meaning per field, read from the comments of :func:`default_config` (the single place they
-    are written)."""
+    are written) and, for a method's fields, from its module (``bct.api.Field``)."""
     import inspect
+
+    from mixbct_jax import bct
 
     docs: dict[str, str] = {}
     for line in inspect.getsource(default_config).splitlines():
         match = _FIELD_LINE.match(line)
         if match and "ConfigDict()" not in match.group(2):
             docs[match.group(1)] = match.group(3)
+    docs.update({f"bct.{f.name}": f.doc for f in bct.config_fields()})  # declared in the methods' modules
+    docs.update({f"old.{f.field}": f.doc for f in bct.class_files()})
     return docs
 
 

@@ -22,8 +22,9 @@ from mixbct_jax.models import normalize_images  # noqa: F401 (the input conventi
 
 
 @dataclasses.dataclass
-class Embedder:
-    """Embeds normalised images with one model; see the module docstring."""
+class ModelEmbedder:
+    """Embeds normalised images with one model; see the module docstring. An ``evaluation.embedding.Embedder``
+    (any callable of that signature) built from a checkpoint."""
 
     apply_fn: Callable[[Any, jax.Array], jax.Array]
     variables: Any
@@ -35,7 +36,7 @@ class Embedder:
         """float32 [n, H, W, 3] (already normalised) -> float32 [n, D] raw embeddings."""
         images = np.asarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-            raise ValueError(f"Embedder expects images [n, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+            raise ValueError(f"the embedder expects images [n, {self.image_size}, {self.image_size}, 3], got {images.shape}")
         out = np.empty((len(images), self.embedding_size), np.float32)
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
@@ -46,8 +47,8 @@ class Embedder:
         return out
 
 
-def make_embedder(config, variables: Any, *, batch_size: int = 256, devices=None) -> Embedder:
-    """An ``Embedder`` for an in-memory model (used by ``load_embedder`` and by evaluation during training)."""
+def make_embedder(config, variables: Any, *, batch_size: int = 256, devices=None) -> ModelEmbedder:
+    """A ``ModelEmbedder`` for an in-memory model (used by ``load_embedder`` and by evaluation during training)."""
     devices = list(devices if devices is not None else jax.local_devices())
     batch_size = max(len(devices), (batch_size + len(devices) - 1) // len(devices) * len(devices))
     model = models.build_from_config(config.model)
@@ -63,7 +64,7 @@ def make_embedder(config, variables: Any, *, batch_size: int = 256, devices=None
     def apply_fn(variables, x):
         return apply(variables, jax.device_put(x, batch_sharded))
 
-    return Embedder(apply_fn=apply_fn, variables=variables, image_size=config.model.input_size,
+    return ModelEmbedder(apply_fn=apply_fn, variables=variables, image_size=config.model.input_size,
                     embedding_size=config.model.embedding_size, batch_size=batch_size)
 
 
@@ -90,8 +91,8 @@ def check_variables(config, variables: Any, where: str) -> None:
                      f"another run: point --workdir at the run that wrote both.")
 
 
-def load_embedder(workdir: str | os.PathLike, *, batch_size: int = 256, step: int | None = None) -> Embedder:
-    """The backbone of the run in ``workdir`` (latest checkpoint unless ``step``) as an ``Embedder``."""
+def load_embedder(workdir: str | os.PathLike, *, batch_size: int = 256, step: int | None = None) -> ModelEmbedder:
+    """The backbone of the run in ``workdir`` (latest checkpoint unless ``step``) as a ``ModelEmbedder``."""
     config, variables = checkpoint.load_params(workdir, step)
     check_variables(config, variables, os.fspath(workdir))
     return make_embedder(config, variables, batch_size=batch_size)

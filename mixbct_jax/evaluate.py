@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import pathlib
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from mixbct_jax.evaluation import ijb, report, retrieval, verification
 from mixbct_jax.evaluation.embedding import Embedder, image_size_of
@@ -116,41 +118,113 @@ def evaluate(
         },
         "protocols": {},
     }
+    options = dict(batch_size=batch_size, ijb_scale=ijb_scale, ijb_far_index=ijb_far_index, ijb_tasks=ijb_tasks,
+                   gallery_fraction=gallery_fraction, num_workers=num_workers)
     for proto, data in pairs:
-        data = os.fspath(data)
-        print(f"== {proto}: {data}", file=sys.stderr)
-        if proto == "bin":
-            sizes = sorted({image_size_of(e) for e in embedders.values()})
-            if len(sizes) != 1:
-                raise ValueError(f"the models expect different image sizes {sizes}; bin needs one size")
-            for path in _bin_files(data):
-                images, issame = verification.load_bin(path, image_size=sizes[0], num_workers=num_workers)
-                name = f"bin:{os.path.splitext(os.path.basename(path))[0]}"
-                res = verification.evaluate_bin(images, issame, embedders, rows, batch_size=batch_size)
-                results["protocols"][name] = {"protocol": "bin", "data": path, "rows": res}
-        elif proto in ("ijbc", "ijbb"):
-            res = ijb.evaluate_ijb(
-                data,
-                embedders,
-                rows,
-                subset=proto.upper(),
-                tasks=ijb_tasks,
-                batch_size=batch_size,
-                scale=ijb_scale,
-                far_index=ijb_far_index,
-                num_workers=num_workers,
-            )
-            results["protocols"][proto] = {"protocol": proto, "data": data, "rows": res}
-        else:
-            from mixbct_jax.data.sources import open_source  # another module's heavy deps: load lazily
-
-            res = retrieval.evaluate_retrieval(
-                open_source(data), embedders, rows, gallery_fraction=gallery_fraction, batch_size=batch_size
-            )
-            results["protocols"][f"retrieval:{data}"] = {"protocol": "retrieval", "data": data, "rows": res}
+        print(f"== {proto}: {os.fspath(data)}", file=sys.stderr)
+        results["protocols"].update(run_protocol(proto, os.fspath(data), embedders, rows, **options))
         if out_dir is not None:  # after each protocol, so a later failure keeps what is done
             report.write_report(results, out_dir)
     return results
+
+
+def run_protocol(proto: str, data: str, embedders: Mapping[str, Embedder], rows: Sequence[tuple[str, str]], *,
+                 batch_size: int = 256, ijb_scale: str = "reference", ijb_far_index: str = "reference",
+                 ijb_tasks: Sequence[str] = ("1:1", "1:N"), gallery_fraction: float = 0.5, num_workers: int = 8,
+                 bins: dict[str, tuple] | None = None) -> dict[str, dict]:
+    """One protocol of ``evaluate`` on ready embedders: ``{name: {'protocol', 'data', 'rows': {row: metrics}}}``
+    (one name per ``.bin`` file of a bin folder). ``bins`` caches decoded pair sets across calls (training)."""
+    out = {}
+    if proto == "bin":
+        sizes = sorted({image_size_of(e) for e in embedders.values()})
+        if len(sizes) != 1:
+            raise ValueError(f"the models expect different image sizes {sizes}; bin needs one size")
+        for path in _bin_files(data):
+            if bins is not None and path in bins:
+                images, issame = bins[path]
+            else:
+                images, issame = verification.load_bin(path, image_size=sizes[0], num_workers=num_workers)
+                if bins is not None:
+                    bins[path] = (images, issame)
+            name = f"bin:{os.path.splitext(os.path.basename(path))[0]}"
+            res = verification.evaluate_bin(images, issame, embedders, rows, batch_size=batch_size)
+            out[name] = {"protocol": "bin", "data": path, "rows": res}
+    elif proto in ("ijbc", "ijbb"):
+        res = ijb.evaluate_ijb(data, embedders, rows, subset=proto.upper(), tasks=ijb_tasks, batch_size=batch_size,
+                               scale=ijb_scale, far_index=ijb_far_index, num_workers=num_workers)
+        out[proto] = {"protocol": proto, "data": data, "rows": res}
+    else:
+        from mixbct_jax.data.sources import open_source  # another module's heavy deps: load lazily
+
+        res = retrieval.evaluate_retrieval(open_source(data), embedders, rows, gallery_fraction=gallery_fraction,
+                                           batch_size=batch_size)
+        out[f"retrieval:{data}"] = {"protocol": "retrieval", "data": data, "rows": res}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# During training (mixbct_jax/train.py): the same protocols on the model being trained
+# ---------------------------------------------------------------------------------------------------------------
+class PeriodicEval:
+    """Retrieval and ``.bin`` verification of the model being trained every ``evals.every_steps``, self and
+    against the old model's gallery when ``config.old.workdir`` is set.
+
+    Uses the same code as ``python -m mixbct_jax.evaluate``; the numbers go to metrics.jsonl as
+    ``eval/<query>/<gallery>/<metric>`` and ``eval/<bin name>/<query>/<gallery>/accuracy``.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.old_embedder = None
+        self.bins: dict[str, tuple] = {}
+
+    def evaluate(self, variables, step: int) -> dict[str, Any]:
+        from mixbct_jax import embed
+
+        c = self.config
+        embedders = {"new": embed.make_embedder(c, variables, batch_size=c.evals.batch_size)}
+        rows = [("new", "new")]
+        if c.old.workdir:
+            if self.old_embedder is None:
+                self.old_embedder = embed.load_embedder(c.old.workdir, batch_size=c.evals.batch_size)
+            embedders["old"] = self.old_embedder
+            rows.append(("new", "old"))
+        record: dict[str, Any] = {"step": step}
+        for proto, data in _protocols(c):
+            for name, result in run_protocol(proto, data, embedders, rows, batch_size=c.evals.batch_size,
+                                             bins=self.bins).items():
+                for row, metrics in result["rows"].items():
+                    if proto == "retrieval":
+                        record.update({f"eval/{row}/{k}": float(metrics[k]) for k in ("top1", "top5", "mAP")})
+                    else:
+                        record[f"eval/{name.split(':', 1)[1]}/{row}/accuracy"] = float(metrics["accuracy"])
+        return record
+
+
+def _protocols(config) -> list[tuple[str, str]]:
+    """``config.evals`` as ``evaluate``'s (protocol, data) pairs."""
+    protocols = [("retrieval", config.evals.retrieval)] if config.evals.retrieval else []
+    return protocols + [("bin", b) for b in filter(None, config.evals.bin.split(","))]
+
+
+def final_evals(config, workdir) -> dict[str, Any]:
+    """The finished run's ``evaluate`` over ``config.evals`` (retrieval and .bin), written to ``<workdir>/eval``;
+    ``{'evals': {protocol name: result}}``, or {} when no protocol is set (and on every process but the first)."""
+    import jax
+
+    protocols = _protocols(config)
+    if not protocols or jax.process_index() != 0:
+        return {}
+    results = evaluate(workdir, config.old.workdir or None, protocols, out_dir=pathlib.Path(workdir) / "eval",
+                       batch_size=config.evals.batch_size)
+    return {"evals": results["protocols"]}
+
+
+def headlines(final: dict[str, Any]) -> dict[str, Any]:
+    """``final_evals``' headline number per protocol and row, for TensorBoard."""
+    return {"final": {report.short_name(name): {row: report.headline(p["protocol"], m)[0]
+                                                for row, m in p["rows"].items()}
+                      for name, p in final["evals"].items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

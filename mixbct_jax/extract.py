@@ -58,7 +58,7 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
     Returns:
       {'features': path, 'labels': path}.
     """
-    from mixbct_jax import checkpoint, embed
+    from mixbct_jax import checkpoint, embed, models
     from mixbct_jax.data import pipeline, sources, splits
 
     if dtype not in ("float32", "float16"):
@@ -113,7 +113,7 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
             if flip_subset_rows:  # the coin is keyed by the row in the whole subset, so resuming changes nothing
                 coin = pipeline.flip_mask(seed, 0, batch["index"].astype(np.int64) + done)
                 images = np.where(coin[:, None, None, None], images[:, :, ::-1], images)
-            emb = embedder(embed.normalize_images(images))
+            emb = embedder(models.normalize_images(images))
             k = len(emb)
             features[rows:rows + k] = emb.astype(dtype)
             rows += k

@@ -7,13 +7,12 @@ computed before weight decay. The class centres form the second group: same deca
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from mixbct_jax.aliases import PyTree
+from mixbct_jax.heads.sharded_fc import is_centres
 
 
 def poly_schedule(*, base_lr: float, total_steps: int, warmup_steps: int, power: float = 2.0) -> optax.Schedule:
@@ -52,10 +51,7 @@ def make_schedule(optim, *, total_steps: int, steps_per_epoch: int) -> optax.Sch
 def param_groups(params: PyTree) -> PyTree:
     """'head' for the sharded class centres, 'backbone' for everything else (clipped)."""
 
-    def label(path, _):
-        return "head" if any(getattr(k, "key", None) == "centres" for k in path) else "backbone"
-
-    return jax.tree_util.tree_map_with_path(label, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: "head" if is_centres(path) else "backbone", params)
 
 
 def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformation:

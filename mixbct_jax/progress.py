@@ -12,6 +12,13 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def format_eta(seconds: float) -> str:
+    """``1h05m`` or ``4m07s``: the trainer's ETA."""
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
 class Progress:
     """Counts work done and prints `desc: done/total (pct) rate/s ETA h:mm:ss`.
 

@@ -30,7 +30,7 @@ def expected_features(run_dir):
     source = sources.open_source(SOURCE)
     subset = splits.scenario("opclass", source.labels)["new"]
     embedder = embed.load_embedder(run_dir, batch_size=64)
-    return embedder(embed.normalize_images(source.read(subset.indices))), subset.labels
+    return embedder(models.normalize_images(source.read(subset.indices))), subset.labels
 
 
 def test_rows_follow_example_index_order_with_a_batch_size_that_does_not_divide_n(run_dir, tmp_path):
@@ -45,7 +45,7 @@ def test_rows_follow_example_index_order_with_a_batch_size_that_does_not_divide_
 
 def test_killed_extraction_resumes_where_it_stopped(run_dir, tmp_path, monkeypatch):
     calls = []
-    original = embed.Embedder.__call__
+    original = embed.ModelEmbedder.__call__
 
     def dies_on_third_batch(self, images):
         calls.append(len(images))
@@ -53,14 +53,14 @@ def test_killed_extraction_resumes_where_it_stopped(run_dir, tmp_path, monkeypat
             raise KeyboardInterrupt("killed")
         return original(self, images)
 
-    monkeypatch.setattr(embed.Embedder, "__call__", dies_on_third_batch)
+    monkeypatch.setattr(embed.ModelEmbedder, "__call__", dies_on_third_batch)
     monkeypatch.setattr(extract.time, "time", iter(range(0, 10**6, 10)).__next__)  # save progress every batch
     with pytest.raises(KeyboardInterrupt):
         extract.extract(run_dir, None, tmp_path, batch_size=8)
     assert not (tmp_path / "features.npy").exists() and (tmp_path / "features.npy.partial").exists()
     monkeypatch.undo()
     resumed_calls = []
-    monkeypatch.setattr(embed.Embedder, "__call__",
+    monkeypatch.setattr(embed.ModelEmbedder, "__call__",
                         lambda self, images: resumed_calls.append(len(images)) or original(self, images))
     extract.extract(run_dir, None, tmp_path, batch_size=8)
     embedded_after_resume = sum(resumed_calls)

@@ -308,9 +308,9 @@ def test_divergence_stops_before_saving_a_poisoned_checkpoint(tmp_path):
 
 def _skip_steps(monkeypatch, bad_steps):
     """Makes the listed (1-based) steps non-finite: the state is kept and the metrics say so, as the step does."""
-    original = step_lib.parallelize
+    original = step_lib.build
 
-    def parallelize(*args, **kw):
+    def build(*args, **kw):
         par = original(*args, **kw)
         real_step, count = par.step, [0]
 
@@ -325,7 +325,7 @@ def _skip_steps(monkeypatch, bad_steps):
         return par
 
     START = [0]
-    monkeypatch.setattr(step_lib, "parallelize", parallelize)
+    monkeypatch.setattr(step_lib, "build", build)
     return START
 
 

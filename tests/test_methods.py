@@ -2,9 +2,11 @@
 
 Loss values are compared with NumPy re-implementations written here; gradients with central finite differences of
 those NumPy functions (float64). Collective code runs in a 4-device ``shard_map`` exactly as inside the step.
-Each method then trains a few steps through ``step.make_body`` + ``step.parallelize`` on 4 fake devices.
+Each method then trains a few steps through ``step.build`` on 4 fake devices. Metrics are global values
+(identical on every device), so a test reads device 0's copy.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -13,9 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mixbct_jax import bct as bct_lib, config as config_lib, models, optim, step as step_lib
-from mixbct_jax.bct import advbct, bct, l2, nccl, unibct
-from mixbct_jax.data import old_embeddings as oe, splits
+from mixbct_jax import bct as bct_lib, config as config_lib, step as step_lib
+from mixbct_jax.bct import advbct, api, bct, l2, nccl, unibct
+from mixbct_jax.data import old_embeddings as oe, old_stats, splits
 from mixbct_jax.heads import sharded_fc
 
 W, C, N, D = 4, 10, 16, 16
@@ -66,10 +68,10 @@ def config(**bct):
 
 def make_ctx(cfg, emb, labels, *, batch=None, params=None, state=None, centres=None, consts=None, step=0,
              steps_per_epoch=10, total_steps=100):
-    return dict(embeddings=emb, batch=batch or {}, labels=labels, params=params or {}, state=state or {},
-                centres=centres, key=jax.random.key(0), config=cfg, axis_name="data", global_batch=emb.shape[0] * W,
-                step=jnp.asarray(step, jnp.int32), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                consts=consts or {})
+    return api.StepContext(embeddings=emb, batch=batch or {}, labels=labels, params=params or {}, state=state or {},
+                           centres=centres, key=jax.random.key(0), config=cfg, axis_name="data",
+                           global_batch=emb.shape[0] * W, step=jnp.asarray(step, jnp.int32),
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, consts=consts or {})
 
 
 def sharded(fn, in_specs, out_specs):
@@ -138,7 +140,7 @@ def test_bct_influence_loss_and_gradient_match_full_softmax():
     shares, grads, reported = run_influence(bct, config(influence_weight=1.0), emb, labels, prototypes, 0)
     ref = np_influence(emb, labels, prototypes)
     np.testing.assert_allclose(np.sum(shares), ref, rtol=1e-5)
-    np.testing.assert_allclose(np.sum(reported), ref, rtol=1e-5)
+    np.testing.assert_allclose(reported[0], ref, rtol=1e-5)
     # The padded (zero) prototype rows are not classes: a 128-way softmax would give a different gradient.
     np.testing.assert_allclose(grads, finite_difference(lambda e: np_influence(e, labels, prototypes), emb),
                                rtol=1e-3, atol=1e-6)
@@ -152,7 +154,7 @@ def test_unibct_weight_is_zero_before_start_epoch():
     before = run_influence(unibct, cfg, emb, labels, prototypes, step=99)  # epoch 9 (10 steps per epoch)
     after = run_influence(unibct, cfg, emb, labels, prototypes, step=100)  # epoch 10
     assert np.sum(before[0]) == 0 and np.all(np.asarray(before[1]) == 0)
-    np.testing.assert_allclose(np.sum(before[2]), ref, rtol=1e-5)  # still computed and reported
+    np.testing.assert_allclose(before[2][0], ref, rtol=1e-5)  # still computed and reported
     np.testing.assert_allclose(np.sum(after[0]), ref, rtol=1e-5)
     assert np.abs(np.asarray(after[1])).max() > 0
 
@@ -280,7 +282,7 @@ def run_nccl(cfg, emb, old, labels, centres, queue):
     feats, qlabels, logits, ptr = queue
     state = {"feat_queue": jnp.asarray(feats, jnp.float32), "label_queue": jnp.asarray(qlabels, jnp.int32),
              "ptr": jnp.asarray(ptr, jnp.int32), "class_rows": {"logit_queue": padded(logits.T)}}
-    specs = step_lib.state_specs(state)
+    specs = nccl.METHOD.state_specs(state)
 
     def body(e, o, y, w, st):
         def loss(e):
@@ -303,8 +305,8 @@ def test_nccl_losses_queue_and_gradients_match_numpy(switches):
     queue = nccl_queue(rng, centres, cfg.bct, 24, filled=10)  # 8 enqueued at 10..17, slots 18..23 stay empty
     shares, grads, state, metrics = run_nccl(cfg, emb, old, labels, centres, queue)
     l1, l2_, (feats, qlabels, logits) = np_nccl(emb, old, labels, centres, queue, cfg.bct)
-    np.testing.assert_allclose(np.sum(metrics["nccl/l1"]), l1, rtol=1e-5)
-    np.testing.assert_allclose(np.sum(metrics["nccl/l2"]), l2_, rtol=1e-5)
+    np.testing.assert_allclose(metrics["nccl/l1"][0], l1, rtol=1e-5)
+    np.testing.assert_allclose(metrics["nccl/l2"][0], l2_, rtol=1e-5)
     np.testing.assert_allclose(np.sum(shares), l1 + l2_, rtol=1e-5)
     np.testing.assert_allclose(state["feat_queue"], feats, atol=1e-6)
     np.testing.assert_array_equal(state["label_queue"], qlabels)
@@ -400,11 +402,11 @@ def test_advbct_losses_match_numpy():
     adv = np_adv(emb, batch["old_features"], p["discriminator"])
     p2s = np_p2s(emb, labels, p["eboundary"], batch["advbct_center"], batch["advbct_radius_max"],
                  batch["advbct_num_kept"])
-    assert 0 < np.sum(metrics["advbct/p2s_active"]) < N  # some rows inside, some outside, some skipped
-    np.testing.assert_allclose(np.sum(metrics["advbct/adv"]), adv, rtol=1e-5)
-    np.testing.assert_allclose(np.sum(metrics["advbct/p2s"]), p2s, rtol=1e-5)
+    assert 0 < metrics["advbct/p2s_active"][0] < N  # some rows inside, some outside, some skipped
+    np.testing.assert_allclose(metrics["advbct/adv"][0], adv, rtol=1e-5)
+    np.testing.assert_allclose(metrics["advbct/p2s"][0], p2s, rtol=1e-5)
     np.testing.assert_allclose(np.sum(shares), p2s + 4.0 * (10 - 3 + 1) / 10 * adv, rtol=1e-5)
-    np.testing.assert_allclose(np.sum(metrics["advbct/alpha"]), 2 / (1 + np.exp(-10 * step / total)) - 1, rtol=1e-6)
+    np.testing.assert_allclose(metrics["advbct/alpha"][0], 2 / (1 + np.exp(-10 * step / total)) - 1, rtol=1e-6)
 
 
 def test_advbct_gradient_reversal_sign():
@@ -438,25 +440,30 @@ def test_grad_reverse_is_identity_forward_and_negated_backward():
 # ---------------------------------------------------------------------------------------------------------------
 # Per-batch host arrays
 # ---------------------------------------------------------------------------------------------------------------
-def test_batch_arrays_gathers_by_index_and_by_label():
+def test_batch_arrays_gathers_by_index_and_by_label(tmp_path):
     rng = np.random.RandomState(10)
     features = rng.normal(size=(20, D)).astype(np.float32)
-    old = oe.OldEmbeddings(features=features, credible=rng.rand(20) < 0.5,
-                           advbct_centers=rng.normal(size=(C, D)).astype(np.float32),
-                           advbct_radius_max=rng.rand(C).astype(np.float32),
-                           advbct_num_kept=rng.randint(0, 5, C).astype(np.int32))
+    np.save(tmp_path / "features.npy", features)
+    meta = {"centers": rng.normal(size=(C, D)).astype(np.float32), "radius_max": rng.rand(C).astype(np.float32),
+            "num_kept": rng.randint(0, 5, C).astype(np.int32)}
+    np.savez(tmp_path / "meta.npz", **meta)
+    method = advbct.METHOD
+    old = oe.open_old_embeddings(features=str(tmp_path / "features.npy"),
+                                 class_files=[(str(tmp_path / "meta.npz"), method.class_files[0])])
+    old = dataclasses.replace(old, features=features, credible=rng.rand(20) < 0.5)
+    needs = method.per_example + method.per_label
     indices, labels = np.array([3, 7, 3, 19]), np.array([1, 9, 1, 0])
-    out = oe.batch_arrays(old, advbct.NEEDS, indices, labels)
-    assert sorted(out) == sorted(advbct.NEEDS)
+    out = oe.batch_arrays(old, needs, indices, labels)
+    assert sorted(out) == sorted(needs)
     np.testing.assert_allclose(out["old_features"], nrm(features[indices]), rtol=1e-6)
-    np.testing.assert_array_equal(out["advbct_center"], old.advbct_centers[labels])
-    np.testing.assert_array_equal(out["advbct_radius_max"], old.advbct_radius_max[labels])
+    np.testing.assert_array_equal(out["advbct_center"], meta["centers"][labels])
+    np.testing.assert_array_equal(out["advbct_radius_max"], meta["radius_max"][labels])
     assert out["advbct_num_kept"].dtype == np.int32
-    np.testing.assert_array_equal(out["advbct_num_kept"], old.advbct_num_kept[labels])
+    np.testing.assert_array_equal(out["advbct_num_kept"], meta["num_kept"][labels])
     np.testing.assert_array_equal(oe.batch_arrays(old, ("credible",), indices, labels)["credible"],
                                   old.credible[indices])
-    with pytest.raises(ValueError, match="advbct_meta"):
-        oe.batch_arrays(oe.OldEmbeddings(features=features), advbct.NEEDS, indices, labels)
+    with pytest.raises(ValueError, match="class tables"):
+        oe.batch_arrays(oe.OldEmbeddings(features=features), needs, indices, labels)
     with pytest.raises(ValueError, match="unknown"):
         oe.batch_arrays(old, ("nope",), indices, labels)
 
@@ -468,24 +475,19 @@ def test_batch_arrays_gathers_by_index_and_by_label():
 def test_method_trains_through_the_step(name):
     assert name in bct_lib.METHODS
     cfg = config(method=name, nccl_queue_size=32, unibct_start_epoch=0)
-    model = models.build("r_tiny", embedding_size=D, input_size=32, width=0.125)
-    method = bct_lib.get(name)
-    schedule = optim.make_schedule(cfg.optim, total_steps=100, steps_per_epoch=10)
-    tx = optim.make_optimizer(cfg.optim, schedule)
-    state = step_lib.init_state(cfg, model, method, tx, key=jax.random.key(0), num_classes=C, num_shards=W)
-    body = step_lib.make_body(cfg, model, method, tx, schedule, num_classes=C, global_batch=N, steps_per_epoch=10,
-                              total_steps=100)
+    par = step_lib.build(cfg, num_classes=C, steps_per_epoch=10, total_steps=100, mesh=MESH)
+    method = par.method
+    state = par.init_fn(jax.random.key(0))
     rng = np.random.RandomState(11)
     labels = rng.randint(0, C, N).astype(np.int32)
     table = oe.OldEmbeddings(features=rng.normal(size=(N, D)).astype(np.float32),
-                             advbct_centers=nrm(rng.normal(size=(C, D))).astype(np.float32) * 0.8,
-                             advbct_radius_max=rng.uniform(0.2, 0.6, C).astype(np.float32),
-                             advbct_num_kept=np.full(C, 3, np.int32))
+                             tables={"advbct_center": nrm(rng.normal(size=(C, D))).astype(np.float32) * 0.8,
+                                     "advbct_radius_max": rng.uniform(0.2, 0.6, C).astype(np.float32),
+                                     "advbct_num_kept": np.full(C, 3, np.int32)})
     batch = {"image": rng.randint(0, 256, (N, 32, 32, 3)).astype(np.uint8), "label": labels,
              "index": np.arange(N, dtype=np.int32)}
-    batch.update(oe.batch_arrays(table, getattr(method, "NEEDS", ()), batch["index"], labels))
-    consts = {"prototypes": padded(nrm(rng.normal(size=(C, D))))} if getattr(method, "CONSTS", ()) else {}
-    par = step_lib.parallelize(body, state, mesh=MESH, consts=consts)
+    batch.update(oe.batch_arrays(table, method.per_example + method.per_label, batch["index"], labels))
+    consts = {"prototypes": padded(nrm(rng.normal(size=(C, D))))} if method.consts else {}
     if name == "nccl":  # the Q x C logit queue is split by classes over the devices
         assert par.specs["method_state"]["class_rows"]["logit_queue"] == P("data")
     st, dconsts = par.to_device(state), par.consts_to_device(consts)
@@ -496,3 +498,38 @@ def test_method_trains_through_the_step(name):
     assert all(math.isfinite(h["loss"]) and h["finite"] == 1 for h in history)
     assert all(h["extra_loss"] > 0 for h in history)
     assert history[-1]["cls_loss"] < history[0]["cls_loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every preset, as a user selects it
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", sorted(bct_lib.presets()))
+def test_every_preset_loads_and_trains_a_step(preset, tmp_path):
+    """``quickstart:method=<preset>`` applies the method's preset and trains one step from real old-array files."""
+    from mixbct_jax import method_host
+
+    c = config_lib.load("quickstart", f"role=new,method={preset}").unlock()
+    method = bct_lib.presets()[preset]
+    assert c.bct.method == method.name
+    for dotted, value in method.presets[preset].items():  # e.g. BCT's warm-up quirk, weakened L2's threshold
+        section, field = dotted.rsplit(".", 1)
+        assert c[section][field] == value
+    c.model.width, c.model.embedding_size, c.data.global_batch, c.bct.nccl_queue_size = 0.125, D, N, 32
+    rng = np.random.RandomState(12)
+    labels = np.repeat(np.arange(C), 2)[:N].astype(np.int32)
+    features = rng.normal(size=(N, D)).astype(np.float32)
+    np.save(tmp_path / "features.npy", features)
+    np.save(tmp_path / "credible.npy", old_stats.denoise(features, labels, keep=0.9))
+    np.save(tmp_path / "prototypes.npy", old_stats.class_means(features, labels, C))
+    np.savez(tmp_path / "advbct_meta.npz", **old_stats.advbct_meta(features, labels, C))
+    for field, name in (("features", "features.npy"), ("credible", "credible.npy"), ("prototypes", "prototypes.npy"),
+                        ("advbct_meta", "advbct_meta.npz")):
+        c.old[field] = str(tmp_path / name)
+    ts = step_lib.build(c, num_classes=C, steps_per_epoch=10, total_steps=100, mesh=MESH)
+    host = method_host.MethodHost(c, ts, splits.Subset(np.arange(N), labels, C), tmp_path)
+    batch = {"image": rng.randint(0, 256, (N, 32, 32, 3)).astype(np.uint8), "label": labels,
+             "index": np.arange(N, dtype=np.int32)}
+    state = ts.to_device(ts.init(jax.random.key(0)))
+    state, metrics = ts.step(state, ts.put_batch(host.batch(batch)), jax.random.key(1), host.refresh(0, state))
+    assert float(metrics["finite"]) == 1 and math.isfinite(float(metrics["loss"]))
+    assert (float(metrics["extra_loss"]) > 0) == (method.extra_loss is not None and method.name != "unibct")

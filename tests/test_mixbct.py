@@ -38,7 +38,7 @@ def test_fewer_credible_rows_than_k_replaces_all_of_them_and_counts_the_device()
     credible = np.zeros(B, bool)
     credible[:20] = True
     emb = jnp.ones((B, D))
-    mixed, metrics = mixbct.before_head(emb, batch_with(credible), key=jax.random.key(0), config=CONFIG)
+    mixed, metrics = mixbct.mix_rows(emb, batch_with(credible), key=jax.random.key(0), config=CONFIG)
     assert float(metrics["mix/rows"]) == 20 and float(metrics["mix/short_devices"]) == 1
     np.testing.assert_array_equal(np.asarray(mixed[:20]), np.asarray(batch_with(credible)["old_features"][:20]))
 
@@ -50,12 +50,12 @@ def test_replaced_rows_hold_old_features_and_carry_no_gradient():
     key = jax.random.key(4)
 
     def loss(e):
-        mixed, _ = mixbct.before_head(e, batch, key=key, config=CONFIG)
+        mixed, _ = mixbct.mix_rows(e, batch, key=key, config=CONFIG)
         return jnp.sum(mixed**2)
 
     grad = np.asarray(jax.grad(loss)(emb))
     mask = np.asarray(mixbct.choose_rows(key, jnp.asarray(credible), 38))
-    mixed, metrics = mixbct.before_head(emb, batch, key=key, config=CONFIG)
+    mixed, metrics = mixbct.mix_rows(emb, batch, key=key, config=CONFIG)
     assert float(metrics["mix/rows"]) == 38 and float(metrics["mix/short_devices"]) == 0
     np.testing.assert_array_equal(np.asarray(mixed)[mask], np.asarray(batch["old_features"])[mask])
     np.testing.assert_array_equal(np.asarray(mixed)[~mask], np.asarray(emb)[~mask])

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mixbct_jax.bct import advbct, bct
 from mixbct_jax.data import old_stats
 from mixbct_jax.data import old_embeddings as oe
 
@@ -27,6 +28,16 @@ def files(tmp_path):
     return paths, labels
 
 
+def _open(paths, **kw):
+    """``open_old_embeddings`` with the method class files BCT (prototypes) and AdvBCT (meta) declare."""
+    class_files = []
+    if "prototypes" in kw:
+        class_files.append((kw.pop("prototypes"), bct.METHOD.class_files[0]))
+    if "advbct_meta" in kw:
+        class_files.append((kw.pop("advbct_meta"), advbct.METHOD.class_files[0]))
+    return oe.open_old_embeddings(**kw, class_files=class_files)
+
+
 def _validate(old, labels, **overrides):
     kwargs = dict(num_examples=N, source_labels=labels, embedding_size=D, num_classes=C)
     oe.validate(old, **{**kwargs, **overrides})
@@ -34,10 +45,10 @@ def _validate(old, labels, **overrides):
 
 def test_open_and_validate_consistent_files(files):
     paths, labels = files
-    old = oe.open_old_embeddings(**paths)
+    old = _open(paths, **paths)
     assert isinstance(old.features, np.memmap) and isinstance(old.credible, np.memmap)
-    assert old.prototypes.shape == (C, D) and old.advbct_centers.shape == (C, D)
-    assert old.advbct_num_kept.dtype == np.int32 and old.source("credible") == paths["credible"]
+    assert old.tables["prototypes"].shape == (C, D) and old.tables["advbct_center"].shape == (C, D)
+    assert old.tables["advbct_num_kept"].dtype == np.int32 and old.source("credible") == paths["credible"]
     _validate(old, labels, check_all_rows=True)
     _validate(oe.open_old_embeddings(features=paths["features"]), labels, embedding_size=None, num_classes=None)
 
@@ -111,23 +122,23 @@ def test_label_mismatch_reports_first_index(files):
 
 def test_prototypes_shape(files):
     paths, labels = files
-    old = oe.open_old_embeddings(features=paths["features"], prototypes=paths["prototypes"])
+    old = _open(paths, features=paths["features"], prototypes=paths["prototypes"])
     with pytest.raises(ValueError, match=rf"prototypes in {paths['prototypes']} has shape \(5, 8\) but \[6, 8\]"):
         _validate(old, labels, num_classes=6)
     np.save(paths["prototypes"], np.zeros((C, D + 1), np.float32))
-    old = oe.open_old_embeddings(features=paths["features"], prototypes=paths["prototypes"])
+    old = _open(paths, features=paths["features"], prototypes=paths["prototypes"])
     with pytest.raises(ValueError, match=r"has shape \(5, 9\) but \[C, 8\] is needed"):
         _validate(old, labels, num_classes=None)
 
 
 def test_advbct_meta_shape_and_keys(files):
     paths, labels = files
-    old = oe.open_old_embeddings(features=paths["features"], advbct_meta=paths["advbct_meta"])
-    with pytest.raises(ValueError, match=rf"centers in {paths['advbct_meta']} has shape \(5, 8\) but \[7, 8\]"):
+    old = _open(paths, features=paths["features"], advbct_meta=paths["advbct_meta"])
+    with pytest.raises(ValueError, match=rf"advbct_center in {paths['advbct_meta']} has shape \(5, 8\) but \[7, 8\]"):
         _validate(old, labels, num_classes=7)
     np.savez(paths["advbct_meta"], centers=np.zeros((C, D), np.float32))
     with pytest.raises(ValueError, match=r"lacks arrays \['radius_max', 'num_kept'\].*advbct-meta"):
-        oe.open_old_embeddings(features=paths["features"], advbct_meta=paths["advbct_meta"])
+        _open(paths, features=paths["features"], advbct_meta=paths["advbct_meta"])
 
 
 def test_missing_file_says_how_to_make_it(files, tmp_path):

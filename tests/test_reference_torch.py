@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from mixbct_jax import bct, convert, models, optim
+from mixbct_jax import convert
 from mixbct_jax import config as config_lib
 from mixbct_jax import step as step_lib
 from mixbct_jax.heads import sharded_fc
@@ -204,32 +204,25 @@ def jax_trainable(state):
 @functools.cache
 def initial_state(method, world, warmup_epochs):
     """The project's initial train state, as host arrays (computed under jit: op-by-op it takes far longer)."""
-    config = jax_config(method, warmup_epochs)
-    model = models.build("r_tiny", embedding_size=D, input_size=SIZE, width=WIDTH)
-    tx = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, total_steps=STEPS_PER_EPOCH * NUM_EPOCHS,
-                                                                steps_per_epoch=STEPS_PER_EPOCH))
-    init = jax.jit(lambda key: step_lib.init_state(config, model, bct.get(method), tx, key=key, num_classes=C,
-                                                   num_shards=world))
-    return jax.tree.map(np.array, init(jax.random.key(0)))
+    par = build_step(method, world, warmup_epochs)
+    return jax.tree.map(np.array, jax.jit(par.init_fn)(jax.random.key(0)))
+
+
+def build_step(method, world, warmup_epochs):
+    return step_lib.build(jax_config(method, warmup_epochs), num_classes=C, steps_per_epoch=STEPS_PER_EPOCH,
+                          total_steps=STEPS_PER_EPOCH * NUM_EPOCHS, mesh=Mesh(np.array(jax.devices()[:world]), ("data",)))
 
 
 def run_jax(method, world, batches, consts, warmup_epochs):
-    config = jax_config(method, warmup_epochs)
-    model = models.build("r_tiny", embedding_size=D, input_size=SIZE, width=WIDTH)
-    schedule = optim.make_schedule(config.optim, total_steps=STEPS_PER_EPOCH * NUM_EPOCHS,
-                                   steps_per_epoch=STEPS_PER_EPOCH)
-    tx = optim.make_optimizer(config.optim, schedule)
-    module = bct.get(method)
     initial = initial_state(method, world, warmup_epochs)
     state = jax.tree.map(jax.numpy.asarray, initial)
-    body = step_lib.make_body(config, model, module, tx, schedule, num_classes=C, global_batch=N,
-                              steps_per_epoch=STEPS_PER_EPOCH, total_steps=STEPS_PER_EPOCH * NUM_EPOCHS)
-    par = step_lib.parallelize(body, state, mesh=Mesh(np.array(jax.devices()[:world]), ("data",)), consts=consts)
+    par = build_step(method, world, warmup_epochs)
+    module = par.method
     st, device_consts = par.to_device(state), par.consts_to_device(consts)
     losses, after = [], {}
     for i, batch in enumerate(batches):
         fed = {k: batch[k] for k in ("image", "label", "index")}
-        fed.update({k: batch[k] for k in module.NEEDS} if hasattr(module, "NEEDS") else {})
+        fed.update({k: batch[k] for k in module.per_example})
         st, metrics = par.step(st, par.put_batch(fed), jax.random.key(1), device_consts)
         losses.append(float(metrics["loss"]))
         after[i + 1] = jax_trainable(par.from_device(st))

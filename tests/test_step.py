@@ -5,6 +5,7 @@ statistics are per device, as in the reference's per-GPU BN), a full C-way softm
 rows, ``jax.grad`` of that, and the same optax update.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from mixbct_jax import bct, config as config_lib, models, optim, step as step_lib
+from mixbct_jax import config as config_lib, step as step_lib
 from mixbct_jax.heads import margin, sharded_fc
 
 C, N, D, SIZE = 10, 16, 16, 32
@@ -26,17 +27,12 @@ def tiny_config(**head):
     return c
 
 
-def build(config, method_name="none", devices=None):
+def build(config, method_name="none", devices=None, mode="shard_map"):
     devices = devices if devices is not None else jax.devices()
-    model = models.build("r_tiny", embedding_size=D, input_size=SIZE, width=0.125)
-    method = bct.get(method_name)
-    schedule = optim.make_schedule(config.optim, total_steps=100, steps_per_epoch=10)
-    tx = optim.make_optimizer(config.optim, schedule)
-    state = step_lib.init_state(config, model, method, tx, key=jax.random.key(0), num_classes=C,
-                                num_shards=len(devices))
-    body = step_lib.make_body(config, model, method, tx, schedule, num_classes=C, global_batch=N,
-                              steps_per_epoch=10, total_steps=100)
-    return model, tx, state, body
+    config.bct.method, config.parallel = method_name, mode
+    ts = step_lib.build(config, num_classes=C, steps_per_epoch=10, total_steps=100,
+                        mesh=Mesh(np.array(devices), ("data",)))
+    return ts, ts.init_fn(jax.random.key(0))
 
 
 def make_batch(seed=0):
@@ -75,9 +71,9 @@ def reference_step(model, tx, state, batch, num_chunks, head_type="arcface"):
 
 
 def run_parallel(config, mode, devices, batch, method_name="none", steps=1):
-    model, tx, state, body = build(config, method_name, devices)
+    par, state = build(config, method_name, devices, mode)
+    model, tx = par.model, par.tx
     host_state = jax.tree.map(np.asarray, state)
-    par = step_lib.parallelize(body, state, mesh=Mesh(np.array(devices), ("data",)), mode=mode)
     st = par.to_device(state)
     for _ in range(steps):
         st, metrics = par.step(st, par.put_batch(batch), jax.random.key(1), par.consts_to_device({}))
@@ -169,20 +165,13 @@ def test_sharded_cross_entropy_equals_full_softmax_loss_and_gradients():
     assert np.all(np.asarray(g_w[num_classes:]) == 0)
 
 
-def test_step_is_traced_once_and_state_is_donated():
-    config = tiny_config()
-    model = models.build("r_tiny", embedding_size=D, input_size=SIZE, width=0.125)
-    method = bct.get("none")
-    schedule = optim.make_schedule(config.optim, total_steps=100, steps_per_epoch=10)
-    tx = optim.make_optimizer(config.optim, schedule)
-    state = step_lib.init_state(config, model, method, tx, key=jax.random.key(0), num_classes=C, num_shards=4)
-    traces = []
-    body = step_lib.make_body(config, model, method, tx, schedule, num_classes=C, global_batch=N,
-                              steps_per_epoch=10, total_steps=100, trace_counter=traces)
-    par = step_lib.parallelize(body, state, mesh=Mesh(np.array(jax.devices()[:4]), ("data",)))
+def test_step_is_traced_once_and_state_is_donated(monkeypatch):
+    make_body = step_lib._make_body
+    # chex raises on a second trace of the per-device program.
+    monkeypatch.setattr(step_lib, "_make_body", lambda *a, **kw: chex.assert_max_traces(make_body(*a, **kw), n=1))
+    par, state = build(tiny_config(), devices=jax.devices()[:4])
     st = par.to_device(state)
     for seed in range(3):
         old = st
         st, _ = par.step(st, par.put_batch(make_batch(seed)), jax.random.key(0), {})
         assert jax.tree.leaves(old)[0].is_deleted()  # donated
-    assert len(traces) == 1

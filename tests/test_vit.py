@@ -368,21 +368,14 @@ def test_train_step_masks_from_the_step_key_reproducibly():
     """The step hands the ViT a key folded from its per-device step key: same key, same update; new key, new one."""
     from jax.sharding import Mesh
 
-    from mixbct_jax import bct, optim
     from mixbct_jax import step as step_lib
 
     c = config_lib.default_config()
     c.model.arch, c.model.embedding_size, c.model.input_size = "vit_tiny", 16, 16
     c.data.global_batch = 8
-    net = models.build_from_config(c.model)
-    method = bct.get("none")
-    schedule = optim.make_schedule(c.optim, total_steps=10, steps_per_epoch=5)
-    tx = optim.make_optimizer(c.optim, schedule)
     devices = jax.devices()[:2]
-    state = step_lib.init_state(c, net, method, tx, key=jax.random.key(0), num_classes=6, num_shards=2)
-    body = step_lib.make_body(c, net, method, tx, schedule, num_classes=6, global_batch=8, steps_per_epoch=5,
-                              total_steps=10)
-    par = step_lib.parallelize(body, state, mesh=Mesh(np.array(devices), ("data",)))
+    par = step_lib.build(c, num_classes=6, steps_per_epoch=5, total_steps=10, mesh=Mesh(np.array(devices), ("data",)))
+    state = par.init_fn(jax.random.key(0))
     rng = np.random.RandomState(0)
     host = {"image": rng.randint(0, 256, (8, 16, 16, 3)).astype(np.uint8),
             "label": rng.randint(0, 6, 8).astype(np.int32), "index": np.arange(8, dtype=np.int32)}

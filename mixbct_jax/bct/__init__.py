@@ -1,46 +1,46 @@
-"""Backward-compatible training methods, one small module each; the module path is the registry.
+"""Backward-compatible training methods, one module each; the module path is the registry.
 
-A method module may define any of these (the trainer uses defaults for the others):
-
-``NEEDS: tuple[str, ...]``
-    Per-example host arrays fed with every batch (``data.old_embeddings.batch_arrays``): by example index
-    ``'old_features'`` (old embeddings, row-L2-normalised), ``'credible'`` (MixBCT's denoised mask); by label
-    ``'advbct_center'``, ``'advbct_radius_max'``, ``'advbct_num_kept'`` (AdvBCT's class meta).
-``CONSTS: tuple[str, ...]``
-    Frozen arrays the step receives as ``ctx['consts']`` (never checkpointed): ``'prototypes'`` ([C_padded, D]
-    class means, row-sharded over the device axis like the centres, so the local block is rows
-    ``[d * C_local, (d + 1) * C_local)``).
-``init(key, *, config, embedding_size, num_classes, num_shards) -> (params, state)``
-    Extra trainable parameters (in the backbone's optimizer group) and non-trainable state. State leaves under
-    a key ``'class_rows'`` are class-major tables ``[C_padded, ...]`` (padded like the centres for ``num_shards``
-    devices), row-sharded like the centres (NCCL's logit queue); the rest is replicated.
-``before_head(embeddings, batch, *, key, config) -> (embeddings, metrics)``
-    Per device, transforms the local embeddings [b, D] fed to the classification head (MixBCT's mix-up).
-``extra_loss(ctx) -> (loss, new_state, metrics)``
-    Per device, a loss added to the classification loss, expressed as this device's share of a global-batch
-    mean (its gradients are summed over devices). ``ctx`` is a dict: ``embeddings`` [b, D] (new, unmixed),
-    ``batch`` (local arrays), ``labels``, ``params``/``state`` (the method's), ``centres`` (local shard or None),
-    ``key``, ``config``, ``axis_name``, ``global_batch``, ``step``, ``steps_per_epoch``, ``total_steps``,
-    ``consts`` (local blocks of the CONSTS arrays).
-``host_update(epoch, *, config, workdir, consts, embed_new, old, subset) -> consts | None``
-    Called by the trainer on the host at the start of every epoch (and on resume); returns replacement consts
-    (UniBCT's prototype refinement) or None. ``embed_new(indices) -> [n, D]`` embeds training examples with the
-    current new model; ``old`` is the ``OldEmbeddings``.
+A method is the file ``mixbct_jax/bct/<name>.py``, which exports ``METHOD = api.Method(...)``: its config presets,
+the old-model arrays it needs, its parameters and state, and its hooks into the train step, all declared in one
+place (``mixbct_jax/bct/api.py`` documents the contract; docs/methods.md (adding a method) walks through one).
+Adding a method is adding a file here: the trainer, the config checks and ``config.apply_method`` find it by name.
+Method files import only ``bct.api``, the heads and ``mixbct_jax.numerics``, never each other.
 """
 
 from __future__ import annotations
 
 import importlib
-import types
+import pathlib
 
-METHODS = ("none", "mixbct", "l2", "bct", "unibct", "nccl", "advbct")
+from mixbct_jax.bct.api import ClassFile, Field, Method
+
+# Every module of this package except the contract itself, in a fixed order.
+METHODS = tuple(sorted(p.stem for p in pathlib.Path(__file__).parent.glob("*.py")
+                       if not p.stem.startswith("_") and p.stem != "api"))
 
 
-def get(name: str) -> types.ModuleType:
-    """The method module ``mixbct_jax.bct.<name>``."""
-    try:
-        return importlib.import_module(f"mixbct_jax.bct.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"mixbct_jax.bct.{name}":
-            raise
-        raise ValueError(f"config.bct.method={name!r} is not a known method; choose one of {METHODS}") from None
+def get(name: str) -> Method:
+    """The ``Method`` of ``mixbct_jax.bct.<name>``."""
+    if name not in METHODS:
+        raise ValueError(f"config.bct.method={name!r} is not a known method; choose one of {METHODS}")
+    return importlib.import_module(f"mixbct_jax.bct.{name}").METHOD
+
+
+def presets() -> dict[str, Method]:
+    """Every preset name (``config.apply_method``'s ``method=``) -> the method that defines it."""
+    return {preset: method for method in map(get, METHODS) for preset in method.presets}
+
+
+def config_fields() -> list[Field]:
+    """Every method's ``config.bct`` fields, each once (a shared field must be declared identically)."""
+    fields: dict[str, Field] = {}
+    for method in map(get, METHODS):
+        for field in method.config:
+            if fields.setdefault(field.name, field) != field:
+                raise ValueError(f"config.bct.{field.name} is declared differently by two methods ({method.name})")
+    return list(fields.values())
+
+
+def class_files() -> list[ClassFile]:
+    """Every method's per-class file (its ``config.old`` field), each field once."""
+    return list({f.field: f for method in map(get, METHODS) for f in method.class_files}.values())

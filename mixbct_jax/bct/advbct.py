@@ -29,25 +29,41 @@ References:
 
 from __future__ import annotations
 
-import math
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mixbct_jax.bct.l2 import safe_norm
+from mixbct_jax.bct import api
 from mixbct_jax.heads.sharded_fc import l2_normalize
-
-NEEDS = ("old_features", "advbct_center", "advbct_radius_max", "advbct_num_kept")
+from mixbct_jax.initializers import torch_linear_uniform
+from mixbct_jax.numerics import safe_norm
 
 _BN_EPS = 1e-5  # PyTorch BatchNorm1d
+_META = "python -m mixbct_jax.prepare advbct-meta"
+# The arrays of the meta file (data.old_stats.advbct_meta) -> the per-class tables fed by label, and their dtypes.
+_META_TABLES = {"centers": ("advbct_center", np.float32), "radius_max": ("advbct_radius_max", np.float32),
+                "num_kept": ("advbct_num_kept", np.int32)}
+
+
+def load_meta(path: str) -> dict[str, np.ndarray]:
+    """The class meta ``.npz`` of ``prepare advbct-meta`` -> ``{'advbct_center' [C, D], 'advbct_radius_max' [C],
+    'advbct_num_kept' [C]}`` (the batch keys they are fed under)."""
+    hint = f"write it with `{_META}`"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"AdvBCT meta file {path} does not exist; {hint}")
+    with np.load(path) as meta:
+        missing = [key for key in _META_TABLES if key not in meta.files]
+        if missing:
+            raise ValueError(f"AdvBCT meta file {path} lacks arrays {missing}; {hint}")
+        return {name: np.asarray(meta[key], dtype) for key, (name, dtype) in _META_TABLES.items()}
 
 
 def _linear_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
-    # PyTorch's nn.Linear default: weight and bias ~ U(+-1/sqrt(fan_in)).
-    bound = 1.0 / math.sqrt(fan_in)
     kw, kb = jax.random.split(key)
-    return {"kernel": jax.random.uniform(kw, (fan_in, fan_out), jnp.float32, -bound, bound),
-            "bias": jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound)}
+    init = torch_linear_uniform(fan_in)
+    return {"kernel": init(kw, (fan_in, fan_out)), "bias": init(kb, (fan_out,))}
 
 
 def init(key: jax.Array, *, config, embedding_size: int, num_classes: int,
@@ -118,16 +134,15 @@ def boundary_terms(embeddings: jax.Array, labels: jax.Array, eboundary: jax.Arra
     return t, (num_kept > 1) & (t > 0)
 
 
-def extra_loss(ctx: dict) -> tuple[jax.Array, dict, dict]:
+def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     """``L_p2s + scaled L_adv`` as this device's share of the global-batch quantities."""
-    cfg = ctx["config"].bct
-    axis, n = ctx["axis_name"], ctx["global_batch"]
-    params, batch, labels = ctx["params"], ctx["batch"], ctx["labels"]
-    emb = ctx["embeddings"]  # [b, D]
-    step = ctx["step"].astype(jnp.float32)
-    alpha = grl_coefficient(step / ctx["total_steps"])
-    num_epochs = ctx["total_steps"] / ctx["steps_per_epoch"]
-    epoch = (ctx["step"] // ctx["steps_per_epoch"]).astype(jnp.float32)
+    cfg = ctx.config.bct
+    axis, n = ctx.axis_name, ctx.global_batch
+    params, batch, labels = ctx.params, ctx.batch, ctx.labels
+    emb = ctx.embeddings  # [b, D]
+    alpha = grl_coefficient(ctx.step.astype(jnp.float32) / ctx.total_steps)
+    num_epochs = ctx.total_steps / ctx.steps_per_epoch
+    epoch = ctx.epoch.astype(jnp.float32)
     adv_scale = cfg.advbct_adv_weight * (num_epochs - epoch + 1.0) / num_epochs
 
     # Adversarial term: the two batches pass the discriminator separately (separate BatchNorm statistics).
@@ -143,10 +158,26 @@ def extra_loss(ctx: dict) -> tuple[jax.Array, dict, dict]:
     count = jax.lax.psum(jnp.sum(active), axis)
     p2s = cfg.advbct_p2s_weight * jnp.sum(jnp.where(active, t, 0.0)) / jnp.maximum(count, 1)
 
-    w = jax.lax.psum(1, axis)
     correct = jnp.sum(jnp.argmax(out_new, axis=1) == 0) + jnp.sum(jnp.argmax(out_old, axis=1) == 1)
-    metrics = {"advbct/adv": jax.lax.stop_gradient(nll), "advbct/p2s": jax.lax.stop_gradient(p2s),
-               "advbct/p2s_active": jnp.sum(active).astype(jnp.float32),
-               "advbct/disc_accuracy": correct.astype(jnp.float32) / (2 * n),
-               "advbct/alpha": alpha / w}  # metrics are summed over devices
-    return p2s + adv_scale * nll, ctx["state"], metrics
+    shares = {"advbct/adv": nll, "advbct/p2s": p2s, "advbct/p2s_active": jnp.sum(active).astype(jnp.float32),
+              "advbct/disc_accuracy": correct.astype(jnp.float32) / (2 * n)}
+    metrics = jax.lax.psum(jax.lax.stop_gradient(shares), axis)
+    metrics["advbct/alpha"] = alpha  # the same on every device
+    return p2s + adv_scale * nll, ctx.state, metrics
+
+
+METHOD = api.Method(
+    name="advbct",
+    config=(
+        api.Field("advbct_threshold", 0.4, "radius threshold of the boundary loss", interval=(0, None, True, None)),
+        api.Field("advbct_p2s_weight", 4.0, "point-to-set boundary loss weight"),
+        api.Field("advbct_adv_weight", 4.0, "adversarial loss weight, decayed by (E - e + 1) / E"),
+        api.Field("advbct_hidden", 100, "discriminator hidden width", interval=(1, None, True, None)),
+    ),
+    presets={"advbct": {}},
+    per_example=("old_features",),
+    class_files=(api.ClassFile(field="advbct_meta", command=_META, load=load_meta, doc="advbct meta .npz (AdvBCT)"),),
+    per_label=tuple(name for name, _ in _META_TABLES.values()),
+    init=init,
+    extra_loss=extra_loss,
+)

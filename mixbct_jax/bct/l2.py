@@ -15,16 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mixbct_jax.bct import api
 from mixbct_jax.heads.sharded_fc import l2_normalize
-
-NEEDS = ("old_features",)
-
-
-def safe_norm(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``||x||_2`` along ``axis`` with a zero (not NaN) gradient at ``x = 0``, as PyTorch's ``norm`` backward."""
-    sq = jnp.sum(jnp.square(x), axis=axis)
-    positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+from mixbct_jax.numerics import safe_norm
 
 
 def hinge_distance(new: jax.Array, old: jax.Array, *, threshold: float) -> jax.Array:
@@ -42,12 +35,23 @@ def hinge_distance(new: jax.Array, old: jax.Array, *, threshold: float) -> jax.A
     return jnp.maximum(safe_norm(diff) - threshold, 0.0)
 
 
-def extra_loss(ctx: dict) -> tuple[jax.Array, dict, dict]:
+def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     """This device's share ``l2_weight * sum_local(hinge) / N`` of the global-batch-mean L2 loss."""
-    cfg = ctx["config"].bct
-    emb = ctx["embeddings"]  # [b, D]
-    hinge = hinge_distance(emb, ctx["batch"]["old_features"].astype(emb.dtype), threshold=cfg.l2_threshold)  # [b]
-    share = cfg.l2_weight * jnp.sum(hinge) / ctx["global_batch"]
-    metrics = {"l2/distance": jnp.sum(hinge) / ctx["global_batch"],
-               "l2/active": jnp.sum(hinge > 0).astype(jnp.float32)}
-    return share, ctx["state"], metrics
+    cfg = ctx.config.bct
+    emb = ctx.embeddings  # [b, D]
+    hinge = hinge_distance(emb, ctx.batch["old_features"].astype(emb.dtype), threshold=cfg.l2_threshold)  # [b]
+    share = cfg.l2_weight * jnp.sum(hinge) / ctx.global_batch
+    local = {"l2/distance": jnp.sum(hinge) / ctx.global_batch, "l2/active": jnp.sum(hinge > 0).astype(jnp.float32)}
+    return share, ctx.state, jax.lax.psum(jax.lax.stop_gradient(local), ctx.axis_name)
+
+
+METHOD = api.Method(
+    name="l2",
+    config=(api.Field("l2_weight", 10.0, "weight of the L2 hinge", interval=(0, None, True, None)),
+            api.Field("l2_threshold", 0.0, '0: "L2"; 0.2: "weakened L2"', interval=(0, None, True, None))),
+    # The reference's weight 10; "weakened L2" is this method with threshold 0.2.
+    presets={"l2": {"bct.l2_weight": 10.0, "bct.l2_threshold": 0.0},
+             "weakened_l2": {"bct.l2_weight": 10.0, "bct.l2_threshold": 0.2}},
+    per_example=("old_features",),
+    extra_loss=extra_loss,
+)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEEDS = ("old_features", "credible")
+from mixbct_jax.bct import api
 
 
 def choose_rows(key: jax.Array, credible: jax.Array, k: int) -> jax.Array:
@@ -31,13 +31,34 @@ def choose_rows(key: jax.Array, credible: jax.Array, k: int) -> jax.Array:
     return jnp.zeros(credible.shape, bool).at[top].set(credible[top])
 
 
-def before_head(embeddings: jax.Array, batch: dict, *, key: jax.Array, config) -> tuple[jax.Array, dict]:
-    """Replaces the chosen local rows [b, D] by the (normalised) old embeddings, without gradient."""
+def mix_rows(embeddings: jax.Array, batch: dict, *, key: jax.Array, config) -> tuple[jax.Array, dict]:
+    """Replaces the chosen local rows [b, D] by the (normalised) old embeddings, without gradient.
+
+    Returns the mixed rows and this device's counts: ``mix/rows`` (rows replaced) and ``mix/short_devices`` (1 when
+    it held fewer than ``k`` credible rows).
+    """
     b = embeddings.shape[0]
     k = int(b * config.bct.mix_ratio)  # int(128 * 0.3) = 38 in the reference
     credible = batch["credible"].astype(bool)
     mask = choose_rows(key, credible, k)
     old = jax.lax.stop_gradient(batch["old_features"]).astype(embeddings.dtype)
     mixed = jnp.where(mask[:, None], old, embeddings)
-    metrics = {"mix/rows": jnp.sum(mask).astype(jnp.float32), "mix/short_devices": (jnp.sum(credible) < k).astype(jnp.float32)}
-    return mixed, metrics
+    counts = {"mix/rows": jnp.sum(mask).astype(jnp.float32),
+              "mix/short_devices": (jnp.sum(credible) < k).astype(jnp.float32)}
+    return mixed, counts
+
+
+def before_head(ctx: api.StepContext) -> tuple[jax.Array, dict]:
+    """``mix_rows`` on this device's rows; the counts are summed over the devices."""
+    mixed, counts = mix_rows(ctx.embeddings, ctx.batch, key=ctx.key, config=ctx.config)
+    return mixed, jax.lax.psum(counts, ctx.axis_name)
+
+
+METHOD = api.Method(
+    name="mixbct",
+    config=(api.Field("mix_ratio", 0.3, "MixBCT: share of each device's rows replaced by credible old embeddings",
+                      interval=(0, 1, True, True)),),
+    presets={"mixbct": {}},
+    per_example=("old_features", "credible"),
+    before_head=before_head,
+)

@@ -28,7 +28,7 @@ Reference quirks, each a switch in ``config.bct`` whose default is what the pape
   queue is full.
 
 The logit queue is ``Q x C`` (3 GB for Q=8192, C=93431), so it is stored class-major, ``[C_padded, Q]``, under the
-state key ``'class_rows'`` that the step shards by rows like the centres; each device writes and reads only its
+state key ``'class_rows'``, declared ``class_sharded_state``, so the step shards it by rows like the centres; each device writes and reads only its
 classes, and the logit similarities are summed over devices.
 
 References:
@@ -37,16 +37,13 @@ References:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from mixbct_jax.bct.bct import global_mean_share
+from mixbct_jax.bct import api
 from mixbct_jax.heads import margin
 from mixbct_jax.heads.sharded_fc import gather_rows, l2_normalize, padded_rows
-
-NEEDS = ("old_features",)
+from mixbct_jax.numerics import global_mean_share, scale_grad, sum_over_shards
 
 
 def init(key: jax.Array, *, config, embedding_size: int, num_classes: int,
@@ -67,32 +64,6 @@ def init(key: jax.Array, *, config, embedding_size: int, num_classes: int,
         "class_rows": {"logit_queue": jnp.zeros((rows, q), jnp.float32)},
     }
     return {}, state
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def sum_over_shards(x: jax.Array, axis_name: str) -> jax.Array:
-    """``psum`` whose result feeds a computation replicated on every device: the backward is the identity.
-
-    Each device's ``x`` is one term of the sum, so the gradient of the (single, replicated) downstream loss with
-    respect to it is the cotangent itself, not its sum over devices.
-    """
-    return jax.lax.psum(x, axis_name)
-
-
-def _sum_fwd(x, axis_name):
-    return sum_over_shards(x, axis_name), None
-
-
-def _sum_bwd(axis_name, _, ct):
-    return (ct,)
-
-
-sum_over_shards.defvjp(_sum_fwd, _sum_bwd)
-
-
-def _scale_grad(x: jax.Array, factor: float | jax.Array) -> jax.Array:
-    """Value ``x``, gradient ``factor * dx``."""
-    return x * factor + jax.lax.stop_gradient(x - x * factor)
 
 
 def soft_contrastive(sim: jax.Array, weights: jax.Array, positive: jax.Array, valid: jax.Array) -> jax.Array:
@@ -170,24 +141,24 @@ def enqueue(state: dict, feats: jax.Array, labels: jax.Array, logits: jax.Array)
     }
 
 
-def extra_loss(ctx: dict) -> tuple[jax.Array, dict, dict]:
+def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     """Enqueues the global batch, then ``alpha * l1 + beta * l2`` as this device's share of the global mean."""
-    cfg = ctx["config"].bct
-    axis = ctx["axis_name"]
-    if ctx["centres"] is None:
+    cfg = ctx.config.bct
+    axis = ctx.axis_name
+    if ctx.centres is None:
         raise ValueError("config.bct.method='nccl' needs a margin head (config.head.type arcface/cosface/combined)")
-    head = ctx["config"].head
-    compute_dtype = jnp.dtype(ctx["config"].model.dtype)
+    head = ctx.config.head
+    compute_dtype = jnp.dtype(ctx.config.model.dtype)
     tau = cfg.nccl_temperature
-    emb, labels = ctx["embeddings"], ctx["labels"]  # [b, D], [b]
-    old = l2_normalize(jax.lax.stop_gradient(ctx["batch"]["old_features"]).astype(jnp.float32))  # [b, D]
-    centres = jax.lax.stop_gradient(ctx["centres"])  # [C_local, D]; NCCL's terms do not train the centres
+    emb, labels = ctx.embeddings, ctx.labels  # [b, D], [b]
+    old = l2_normalize(jax.lax.stop_gradient(ctx.batch["old_features"]).astype(jnp.float32))  # [b, D]
+    centres = jax.lax.stop_gradient(ctx.centres)  # [C_local, D]; NCCL's terms do not train the centres
     logit_kw = dict(head=head, axis_name=axis, normalize=cfg.nccl_normalize_logits, clamp=cfg.nccl_clamp_logits)
 
     # 1. Enqueue every old item of the global batch before the loss, as the reference.
     all_old = jax.lax.all_gather(old, axis, tiled=True)  # [N, D]
     all_labels = jax.lax.all_gather(labels, axis, tiled=True)  # [N]
-    state = enqueue(ctx["state"], all_old, all_labels, class_logits(all_old, all_labels, centres, **logit_kw))
+    state = enqueue(ctx.state, all_old, all_labels, class_logits(all_old, all_labels, centres, **logit_kw))
     feats, queue_labels = state["feat_queue"], state["label_queue"]  # [Q, D], [Q]
     valid = jnp.ones_like(queue_labels, bool) if cfg.nccl_count_empty_slots else queue_labels >= 0  # [Q]
 
@@ -195,9 +166,9 @@ def extra_loss(ctx: dict) -> tuple[jax.Array, dict, dict]:
     sim = jnp.dot(l2_normalize(emb), feats.T) / tau  # [b, Q]
     weights = (jnp.dot(old, feats.T) + 1.0) / 2.0  # [b, Q]
     l1 = soft_contrastive(sim, weights, labels[:, None] == queue_labels[None, :], valid)  # [b]
-    l1_share = cfg.nccl_alpha * jnp.sum(l1) / ctx["global_batch"]
+    l1_share = cfg.nccl_alpha * jnp.sum(l1) / ctx.global_batch
     if cfg.nccl_amplify_grad:
-        l1_share = _scale_grad(l1_share, jax.lax.psum(1, axis))
+        l1_share = scale_grad(l1_share, jax.lax.psum(1, axis))
 
     # 3. Logit level, over the whole global batch: g_i . z_q is a sum over the class shards.
     all_emb = gather_rows(emb, axis)  # [N, D]
@@ -211,6 +182,37 @@ def extra_loss(ctx: dict) -> tuple[jax.Array, dict, dict]:
     l2 = soft_contrastive(sim2, weights2, all_labels[:, None] == queue_labels[None, :], valid)  # [N]
     l2_share = global_mean_share(cfg.nccl_beta * jnp.mean(l2), axis)
 
-    metrics = {"nccl/l1": jax.lax.stop_gradient(jnp.sum(l1)) / ctx["global_batch"],
-               "nccl/l2": global_mean_share(jax.lax.stop_gradient(jnp.mean(l2)), axis)}
+    metrics = {"nccl/l1": jax.lax.psum(jax.lax.stop_gradient(jnp.sum(l1)) / ctx.global_batch, axis),
+               "nccl/l2": jax.lax.stop_gradient(jnp.mean(l2))}  # l2 is already replicated
     return l1_share + l2_share, state, metrics
+
+
+def check(config) -> list[tuple[str, str]]:
+    """The queue must hold a whole global batch (it is enqueued before the loss)."""
+    if config.bct.nccl_queue_size < config.data.global_batch:
+        return [("bct.nccl_queue_size", f"must be >= config.data.global_batch={config.data.global_batch}")]
+    return []
+
+
+METHOD = api.Method(
+    name="nccl",
+    config=(
+        api.Field("nccl_queue_size", 8192, "Q, >= the global batch", interval=(1, None, True, None)),
+        api.Field("nccl_alpha", 1.0, "embedding-level loss weight"),
+        api.Field("nccl_beta", 0.01, "logit-level loss weight"),
+        api.Field("nccl_temperature", 1.0, "softmax temperature of both NCCL losses", interval=(0, None, False, None)),
+        api.Field("nccl_logit_grad", True, "reference: False (its logit loss is built on a non-differentiable gather)"),
+        api.Field("nccl_normalize_logits", True, "cosine of logit vectors; reference: False (raw dot products)"),
+        api.Field("nccl_clamp_logits", False,
+                  "reference: True (clamps the x s logits to [-1, 1], an fp16-branch artefact)"),
+        api.Field("nccl_amplify_grad", False, "reference: True (the embedding-level gradient arrives x #devices)"),
+        api.Field("nccl_count_empty_slots", False,
+                  "reference: True (empty queue slots enter the softmax denominators)"),
+    ),
+    check=check,
+    presets={"nccl": {}},
+    per_example=("old_features",),
+    class_sharded_state=("class_rows",),  # the [C_padded, Q] logit queue
+    init=init,
+    extra_loss=extra_loss,
+)

@@ -1,6 +1,6 @@
 """UniBCT: BCT's influence loss with prototypes refined by graph propagation over the new features (docs/methods.md (UniBCT)).
 
-Training: the BCT influence loss (``mixbct_jax.bct.bct``) with weight 0 before ``config.bct.unibct_start_epoch``
+Training: the BCT influence loss (``mixbct_jax.heads.prototypes``, as ``mixbct_jax.bct.bct``) with weight 0 before ``config.bct.unibct_start_epoch``
 (10) and ``config.bct.influence_weight`` from then on; the learning rate follows the reference's StepLR
 (``config.optim.schedule = 'step'``, decay epochs 20/26/32).
 
@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixbct_jax import files
+from mixbct_jax.bct import api
 from mixbct_jax.data import old_stats
-from mixbct_jax.bct import bct
+from mixbct_jax.heads.prototypes import influence_loss
+from mixbct_jax.numerics import global_mean_share
 
-CONSTS = ("prototypes",)
 AFFINITIES = ("row", "column")
 
 # Per-class systems are solved in padded blocks of k classes x s x s; this bounds k * s * s (float64 entries).
@@ -47,13 +48,14 @@ _BLOCK_ELEMENTS = 1 << 22
 _EMBED_CHUNK = 65536
 
 
-def extra_loss(ctx: dict) -> tuple[jax.Array, dict, dict]:
+def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     """The influence loss, weighted 0 before ``unibct_start_epoch`` (still computed and reported)."""
-    cfg = ctx["config"].bct
-    epoch = ctx["step"] // ctx["steps_per_epoch"]
-    weight = jnp.where(epoch >= cfg.unibct_start_epoch, cfg.influence_weight, 0.0)
-    share, metrics = bct.weighted_loss(ctx, weight)
-    return share, ctx["state"], metrics
+    cfg = ctx.config.bct
+    weight = jnp.where(ctx.epoch >= cfg.unibct_start_epoch, cfg.influence_weight, 0.0)
+    loss = jnp.mean(influence_loss(ctx.embeddings, ctx.labels, ctx.consts["prototypes"],
+                                   axis_name=ctx.axis_name))  # replicated on every device
+    share = global_mean_share(weight * loss, ctx.axis_name)
+    return share, ctx.state, {"bct/influence": jax.lax.stop_gradient(loss)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,3 +213,30 @@ def host_update(epoch: int, *, config, workdir, consts: dict, embed_new: Callabl
 
 def _pad(table: np.ndarray, rows: int) -> dict[str, np.ndarray]:
     return {"prototypes": np.concatenate([table, np.zeros((rows - table.shape[0], table.shape[1]), np.float32)])}
+
+
+_CLASS_MEANS = "python -m mixbct_jax.prepare class-means"
+
+METHOD = api.Method(
+    name="unibct",
+    config=(
+        api.Field("influence_weight", 1.0, "BCT/UniBCT: weight of the influence loss (CE of n(e) . prototypes)",
+                  interval=(0, None, True, None)),
+        api.Field("unibct_start_epoch", 10, "influence loss weight 0 before this epoch"),
+        api.Field("unibct_refine_epochs", (10, 20), "prototype refinement at the start of these epochs"),
+        api.Field("unibct_affinity", "row", '"row": row-stochastic affinity (paper); "column": reference (= class mean)',
+                  choices=AFFINITIES),
+        api.Field("unibct_lambda", 0.9, "propagation weight of (1 - lam)(I - lam A)^-1", interval=(0, 1, True, False)),
+        api.Field("unibct_temperature", 0.05, "affinity temperature on cosines of the new features",
+                  interval=(0, None, False, None)),
+        api.Field("unibct_normalize_prototypes", False, "reference: refined prototypes stay unnormalised"),
+    ),
+    # The reference's StepLR at epochs 20/26/32.
+    presets={"unibct": {"optim.schedule": "step", "optim.decay_epochs": (20, 26, 32)}},
+    class_files=(api.ClassFile(field="prototypes", command=_CLASS_MEANS,
+                               load=api.npy_table("prototypes", "prototypes", _CLASS_MEANS),
+                               doc="class means [C, D] (BCT, UniBCT)"),),
+    consts=("prototypes",),
+    extra_loss=extra_loss,
+    host_update=host_update,
+)

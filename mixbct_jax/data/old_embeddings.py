@@ -1,16 +1,18 @@
 """The trainer's view of the precomputed old-model arrays: memory-mapped, validated, gathered by index.
 
 The files come from ``python -m mixbct_jax.extract`` (``features.npy`` [N, D], ``labels.npy`` [N]) and
-``python -m mixbct_jax.prepare`` (``credible.npy`` bool [N], ``prototypes.npy`` [C, D], AdvBCT
-``meta.npz``). Row i of every per-example array belongs to the example with ``index == i``. Nothing here
-is copied into device memory or into checkpoints; the trainer gathers one batch at a time.
+``python -m mixbct_jax.prepare`` (``credible.npy`` bool [N] and the per-class files a method declares in its
+``bct.api.Method.class_files``, e.g. ``prototypes.npy`` [C, D]). Row i of every per-example array belongs to the
+example with ``index == i``; row c of every class table to class c. Nothing here is copied into device memory
+or into checkpoints; the trainer gathers one batch at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +24,7 @@ _FINITE_CHUNK_ROWS = 4096
 _FINITE_MAX_CHUNKS = 64
 
 _EXTRACT_HINT = "re-run `python -m mixbct_jax.extract` on the new model's training set"
-_ADVBCT_KEYS = ("centers", "radius_max", "num_kept")
+PER_EXAMPLE = ("old_features", "credible")  # the per-batch arrays gathered by example index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,29 +34,26 @@ class OldEmbeddings:
     Attributes:
       features: [N, D] float16/float32 old embeddings (raw), row i = example index i; memory-mapped.
       credible: [N] bool MixBCT credible mask, memory-mapped, or None.
-      prototypes: [C, D] class means (BCT/UniBCT), or None.
       labels: [N] labels stored by the extraction, used only to validate the row order, or None.
-      advbct_centers: [C, D] float32 AdvBCT class centres, or None.
-      advbct_radius_max: [C] float32 largest kept radius per class, or None.
-      advbct_num_kept: [C] int32 length of each class's kept radius list, or None.
-      files: field name -> the file it was loaded from (for error messages).
+      tables: per-class tables [C, ...] (row c = class c) by name, loaded from a method's class files.
+      files: array name -> the file it was loaded from (for error messages).
+      commands: table name -> the command that writes its file (for error messages).
     """
 
     features: np.ndarray
     credible: np.ndarray | None = None
-    prototypes: np.ndarray | None = None
     labels: np.ndarray | None = None
-    advbct_centers: np.ndarray | None = None
-    advbct_radius_max: np.ndarray | None = None
-    advbct_num_kept: np.ndarray | None = None
+    tables: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    commands: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def source(self, name: str) -> str:
-        """The file behind field ``name``, or a description for in-memory arrays."""
+        """The file behind array ``name``, or a description for in-memory arrays."""
         return self.files.get(name, f"<in-memory {name}>")
 
 
-def _load_npy(path: str, what: str, hint: str) -> np.ndarray:
+def load_npy(path: str, what: str, hint: str) -> np.ndarray:
+    """Memory-maps a ``.npy`` file; a missing or malformed file raises one line naming it and ``hint``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file {path} does not exist; {hint}")
     try:
@@ -68,50 +67,39 @@ def open_old_embeddings(
     features: str,
     credible: str | None = None,
     labels: str | None = None,
-    prototypes: str | None = None,
-    advbct_meta: str | None = None,
+    class_files: Sequence[tuple[str, Any]] = (),
 ) -> OldEmbeddings:
-    """Memory-maps the old-embedding files (nothing is read until used, except the AdvBCT meta).
+    """Memory-maps the old-embedding files (nothing is read until used, except what a class file's loader reads).
 
     Args:
       features: path of ``features.npy`` [N, D] written by extract.
       credible: path of the credible mask written by ``prepare denoise``.
       labels: path of ``labels.npy`` written by extract (validation only).
-      prototypes: path of ``prepare class-means`` output.
-      advbct_meta: path of ``prepare advbct-meta`` output (.npz with centers, radius_max, num_kept).
+      class_files: ``(path, bct.api.ClassFile)`` pairs: per-class files a method reads, loaded by the
+        ``ClassFile``'s own ``load``.
 
     Returns:
       The arrays; call ``validate`` before training.
 
     Raises:
       FileNotFoundError: a given file does not exist (the message says how to produce it).
-      ValueError: a file is not a .npy/.npz array file or the meta lacks a key.
+      ValueError: a file is not a .npy/.npz array file or lacks an array.
     """
     files = {"features": features}
-    arrays: dict[str, np.ndarray | None] = {
-        "features": _load_npy(features, "old features", _EXTRACT_HINT)
-    }
+    arrays: dict[str, Any] = {"features": load_npy(features, "old features", _EXTRACT_HINT)}
     optional = (
         ("credible", credible, "credible mask", "write it with `python -m mixbct_jax.prepare denoise`"),
         ("labels", labels, "old labels", _EXTRACT_HINT),
-        ("prototypes", prototypes, "prototypes", "write it with `python -m mixbct_jax.prepare class-means`"),
     )
     for name, path, what, hint in optional:
         if path is not None:
             files[name] = path
-            arrays[name] = _load_npy(path, what, hint)
-    if advbct_meta is not None:
-        hint = "write it with `python -m mixbct_jax.prepare advbct-meta`"
-        if not os.path.isfile(advbct_meta):
-            raise FileNotFoundError(f"AdvBCT meta file {advbct_meta} does not exist; {hint}")
-        with np.load(advbct_meta) as meta:
-            missing = [key for key in _ADVBCT_KEYS if key not in meta.files]
-            if missing:
-                raise ValueError(f"AdvBCT meta file {advbct_meta} lacks arrays {missing}; {hint}")
-            for key in _ADVBCT_KEYS:
-                files[f"advbct_{key}"] = advbct_meta
-                arrays[f"advbct_{key}"] = meta[key]
-    return OldEmbeddings(**arrays, files=files)
+            arrays[name] = load_npy(path, what, hint)
+    tables, commands = {}, {}
+    for path, class_file in class_files:
+        for name, table in class_file.load(path).items():
+            tables[name], files[name], commands[name] = table, path, class_file.command
+    return OldEmbeddings(**arrays, tables=tables, files=files, commands=commands)
 
 
 def _first_nonfinite_row(features: np.ndarray, *, check_all_rows: bool) -> int | None:
@@ -183,19 +171,10 @@ def validate(
         _validate_credible(old.credible, old.source("credible"), num_rows)
     if old.labels is not None and source_labels is not None:
         _validate_labels(np.asarray(old.labels), np.asarray(source_labels), old.source("labels"))
-    if old.prototypes is not None:
-        command = "python -m mixbct_jax.prepare class-means"
-        _validate_per_class(old.prototypes, old.source("prototypes"), "prototypes", (num_classes, dim), command)
-    if old.advbct_centers is not None:
-        command = "python -m mixbct_jax.prepare advbct-meta"
-        where = old.source("advbct_centers")
-        _validate_per_class(old.advbct_centers, where, "centers", (num_classes, dim), command)
-        count = old.advbct_centers.shape[0]
-        for key in ("radius_max", "num_kept"):
-            array = getattr(old, f"advbct_{key}")
-            if array is None:
-                raise ValueError(f"AdvBCT {key} is missing beside the centres of {where}; re-run `{command}`")
-            _validate_per_class(array, where, key, (count,), command)
+    for name, table in old.tables.items():
+        command = old.commands.get(name, "python -m mixbct_jax.prepare")
+        shape = (num_classes, dim) if np.ndim(table) == 2 else (num_classes,) + tuple(np.shape(table)[1:])
+        _validate_per_class(table, old.source(name), name, shape, command)
 
 
 def _validate_credible(credible: np.ndarray, where: str, num_rows: int) -> None:
@@ -276,21 +255,14 @@ def gather(old: OldEmbeddings, indices: np.ndarray) -> dict[str, np.ndarray]:
     return batch
 
 
-# Per-batch arrays a method may name in its NEEDS: gathered by example index, or by label from a class table.
-_BY_INDEX = ("old_features", "credible")
-_BY_LABEL = {"advbct_center": "advbct_centers", "advbct_radius_max": "advbct_radius_max",
-             "advbct_num_kept": "advbct_num_kept"}
-
-
-def batch_arrays(old: OldEmbeddings, needs: tuple[str, ...], indices: np.ndarray,
+def batch_arrays(old: OldEmbeddings, needs: Sequence[str], indices: np.ndarray,
                  labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The host arrays a method needs for one batch (``mixbct_jax.bct`` modules' ``NEEDS``).
+    """The host arrays a method needs for one batch (its ``per_example`` and ``per_label`` names).
 
     Args:
       old: the arrays from ``open_old_embeddings``.
-      needs: names among ``old_features`` (row-L2-normalised float32 [b, D]), ``credible`` (bool [b]),
-        ``advbct_center`` (float32 [b, D]), ``advbct_radius_max`` (float32 [b]) and ``advbct_num_kept``
-        (int32 [b]); the AdvBCT ones are rows of the class meta for each example's label.
+      needs: names among ``old_features`` (row-L2-normalised float32 [b, D]) and ``credible`` (bool [b]),
+        gathered by example index, and the names of ``old.tables``, gathered by label (row ``labels[i]``).
       indices: [b] example indices.
       labels: [b] the examples' labels (the model's numbering).
 
@@ -298,26 +270,50 @@ def batch_arrays(old: OldEmbeddings, needs: tuple[str, ...], indices: np.ndarray
       Exactly the named arrays, in batch order.
 
     Raises:
-      ValueError: an unknown name, or a needed file that was not given.
+      ValueError: a name that is neither, or the credible mask when it was not given.
     """
-    unknown = [name for name in needs if name not in _BY_INDEX and name not in _BY_LABEL]
+    unknown = [name for name in needs if name not in PER_EXAMPLE and name not in old.tables]
     if unknown:
-        raise ValueError(f"unknown per-batch arrays {unknown}; known: {list(_BY_INDEX) + list(_BY_LABEL)}")
+        raise ValueError(f"unknown per-batch arrays {unknown}: neither per-example arrays {list(PER_EXAMPLE)} nor "
+                         f"class tables loaded from a method's class files ({sorted(old.tables)})")
     out: dict[str, np.ndarray] = {}
-    if any(name in _BY_INDEX for name in needs):
+    if any(name in PER_EXAMPLE for name in needs):
         if "credible" in needs and old.credible is None:
             raise ValueError("this method needs the credible mask: set config.old.credible "
                              "(python -m mixbct_jax.prepare denoise)")
         gathered = gather(old, indices)
-        out.update({name: gathered[name] for name in needs if name in _BY_INDEX})
+        out.update({name: gathered[name] for name in needs if name in PER_EXAMPLE})
     labels = np.asarray(labels).astype(np.int64)
-    for name in needs:
-        if name not in _BY_LABEL:
-            continue
-        table = getattr(old, _BY_LABEL[name])
-        if table is None:
-            raise ValueError(f"this method needs {name}: set config.old.advbct_meta "
-                             "(python -m mixbct_jax.prepare advbct-meta)")
-        dtype = np.int32 if name == "advbct_num_kept" else np.float32
-        out[name] = np.asarray(table[labels], dtype=dtype)
+    out.update({name: np.asarray(old.tables[name][labels]) for name in needs if name not in PER_EXAMPLE})
     return out
+
+
+def open_for_method(config, method, *, num_examples: int, source_labels: np.ndarray,
+                    num_classes: int) -> OldEmbeddings | None:
+    """Opens and validates the old arrays ``method`` (a ``bct.api.Method``) declares, from ``config.old``.
+
+    Returns None for a method that reads none. Every array is checked against the training set (row count,
+    labels, embedding size, class count, finite values; ``config.old.finite_check``) before training starts.
+    """
+    if not method.needs_old:
+        return None
+    flag = f"config.bct.method={config.bct.method!r}"
+    if not config.old.features:
+        raise ValueError(
+            f"{flag} needs the old model's embeddings of this run's training set: set "
+            f"--config.old.features=<dir>/features.npy, written by `python -m mixbct_jax.extract --workdir <old run> "
+            f"--scenario {config.data.scenario} --role {config.data.role} --out <dir>`.")
+    if "credible" in method.per_example and not config.old.credible:
+        raise ValueError(f"{flag} needs config.old.credible (python -m mixbct_jax.prepare denoise ...)")
+    for class_file in method.class_files:
+        if not config.old[class_file.field]:
+            raise ValueError(f"{flag} needs config.old.{class_file.field} (written by `{class_file.command}`)")
+    old = open_old_embeddings(
+        features=config.old.features, credible=config.old.credible or None, labels=config.old.labels or None,
+        class_files=[(config.old[f.field], f) for f in method.class_files])
+    validate(old, num_examples=num_examples, source_labels=source_labels,
+             # every method compares or mixes old and new embeddings: the sizes must agree
+             embedding_size=config.model.embedding_size, num_classes=num_classes,
+             # every row by default (streamed): a NaN row outside a sample poisons training
+             check_all_rows=config.old.finite_check == "full")
+    return old

@@ -40,6 +40,12 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps)).astype(x.dtype)
 
 
+def is_centres(path) -> bool:
+    """Whether a leaf's tree path (``jax.tree_util`` keys) lies under a ``'centres'`` key: the sharded class centres
+    and their optimizer slots, split by rows over the device axis rather than replicated."""
+    return any(getattr(k, "key", None) == "centres" for k in path)
+
+
 def rows_per_shard(num_classes: int, num_shards: int) -> int:
     """Centres per device when the matrix is zero-padded to ``rows_per_shard * num_shards`` rows."""
     return -(-num_classes // num_shards)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mixbct_jax.models.layers import torch_linear_uniform
+from mixbct_jax.initializers import torch_linear_uniform
 
 
 def init(key: jax.Array, embedding_size: int, num_classes: int) -> dict[str, jax.Array]:

@@ -11,15 +11,16 @@ tiny runs) fixes the flatten size, and ``width`` scales the stage widths for tin
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixbct_jax.models.layers import BatchNorm, PReLU, conv_normal_init, torch_linear_uniform
+from mixbct_jax.aliases import Dtype
+from mixbct_jax.initializers import torch_linear_uniform
+from mixbct_jax.models.layers import BatchNorm, PReLU, conv_normal_init
 
-Dtype = Any
 
 
 class IBasicBlock(nn.Module):

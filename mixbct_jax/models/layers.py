@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from mixbct_jax.aliases import Dtype
 
 # PyTorch BatchNorm: eps 1e-5, running = 0.9 * running + 0.1 * batch (flax's momentum is the keep factor).
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -18,16 +17,6 @@ BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 def conv_normal_init(std: float = 0.1):
     """IResNet initialises every conv weight with N(0, std^2) (std 0.1, the reference MixBCT code's backbones/iresnet.py)."""
     return nn.initializers.normal(stddev=std)
-
-
-def torch_linear_uniform(fan_in: int):
-    """PyTorch's nn.Linear default: weight and bias ~ U(-1/sqrt(fan_in), +1/sqrt(fan_in))."""
-    bound = 1.0 / fan_in**0.5
-
-    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 class PReLU(nn.Module):

@@ -7,15 +7,15 @@ is followed by BatchNorm1d (affine). The GDC kernel equals the last feature map 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixbct_jax.aliases import Dtype
 from mixbct_jax.models.layers import BatchNorm, PReLU
 
-Dtype = Any
 _kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 

@@ -24,15 +24,15 @@ variants): activations are recomputed in the backward pass instead of being stor
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixbct_jax.models.layers import BatchNorm, torch_linear_uniform
+from mixbct_jax.aliases import Dtype
+from mixbct_jax.initializers import torch_linear_uniform
+from mixbct_jax.models.layers import BatchNorm
 
-Dtype = Any
 
 # Every nn.Linear and the position embedding: truncated normal, std 0.02 (the reference MixBCT code's backbones/vit.py); biases 0.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
