@@ -45,9 +45,9 @@ def record_steps(monkeypatch) -> list[dict]:
     consumed) and ``step`` (the compiled step function itself, unwrapped, with its ``par``), so a test can replay it.
     """
     records: list[dict] = []
-    original = step_lib.parallelize
+    original = step_lib.build
 
-    def parallelize(*args, **kwargs):
+    def build(*args, **kwargs):
         par = original(*args, **kwargs)
 
         def step(state, batch, key, consts):
@@ -59,7 +59,7 @@ def record_steps(monkeypatch) -> list[dict]:
 
         return dataclasses.replace(par, step=step)
 
-    monkeypatch.setattr(step_lib, "parallelize", parallelize)
+    monkeypatch.setattr(step_lib, "build", build)
     return records
 
 
