@@ -206,19 +206,44 @@ def _num_classes(labels: np.ndarray) -> int:
 
 
 class SyntheticSource:
-    """The embedded synthetic identities (:class:`SyntheticFaces`)."""
+    """The embedded synthetic identities (:class:`SyntheticFaces`).
+
+    Rendering an image costs about 1 ms of CPU at 32 × 32 (more than a training step's share on a small CPU), so
+    a source of at most ``RENDER_CACHE_BYTES`` keeps every image it has rendered: from the second epoch on a read
+    is a gather. The pixels are the same either way (each image is a pure function of its index). The cache is
+    filled lazily and is not pickled (input worker processes start with an empty one).
+    """
+
+    RENDER_CACHE_BYTES = 512 << 20
 
     def __init__(self, name: str, faces: SyntheticFaces):
         self.name, self.faces = name, faces
         self.labels = faces.labels
         self.num_classes = faces.num_classes
         self.image_shape = faces.image_shape
+        self._cache: np.ndarray | None = None
+        self._rendered: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.faces)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None, "_rendered": None}
+
     def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
-        return self.faces.read(indices)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self.faces)
+        too_big = n * int(np.prod(self.image_shape)) > self.RENDER_CACHE_BYTES
+        if too_big or len(idx) == 0 or idx.min() < 0 or idx.max() >= n:
+            return self.faces.read(idx)  # also raises the out-of-range error
+        if self._cache is None:
+            self._cache = np.empty((n, *self.image_shape), np.uint8)  # pages are only touched when written
+            self._rendered = np.zeros(n, bool)
+        missing = np.unique(idx[~self._rendered[idx]])
+        if missing.size:
+            self._cache[missing] = self.faces.read(missing)
+            self._rendered[missing] = True  # after the pixels: a concurrent reader never sees unwritten rows
+        return self._cache[idx]
 
     def read_encoded(self, index: int) -> bytes | None:
         return None

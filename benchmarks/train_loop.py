@@ -1,0 +1,222 @@
+"""The whole training loop against the jitted step alone, in one run: what input, logging and checkpointing cost.
+
+For each case (a model and a data source) it times, in alternating repetitions:
+
+* **loop**: ``train.train_and_evaluate(config, workdir)`` in a fresh workdir (input pipeline, batch assembly,
+  ``device_put``, the step, the skip counter, logging every ``--log-every`` steps to metrics.jsonl and
+  TensorBoard, asynchronous Orbax checkpoints every ``--ckpt-every`` steps). Its figure is the trainer's own
+  ``img_per_s`` at the last step: the steps after the first (compiling) one over the wall time since it ended.
+* **step**: the same config's jitted step on one batch already on the device, ``--steps`` steps back to back
+  (the limit the loop is measured against).
+
+Ratio = loop / step (1.0 = the loop costs nothing beyond the step). On a shared CPU the two alternate, so load
+from other processes falls on both alike; a persistent compilation cache (a temporary folder) keeps each loop
+repetition from recompiling.
+
+  python benchmarks/train_loop.py                      # quickstart model, synthetic + .rec; r18 112x112 likewise
+  python benchmarks/train_loop.py --cases quickstart-synthetic --steps 60 --reps 3
+  python benchmarks/train_loop.py --r18-batch 64 --steps 200 --reps 3    # a GPU
+
+Cases: quickstart-synthetic, quickstart-rec (the quickstart config: r_tiny width 0.25, 32x32, batch 64, over its
+synthetic identities, or those images written to a JPEG ``.rec``), r18-synthetic, r18-rec (r18, 112x112, batch
+``--r18-batch``, 10,000 classes). One JSON line per case on stdout (and appended to ``--jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mixbct_jax import config as config_lib, train  # noqa: E402
+
+CASES = ("quickstart-synthetic", "quickstart-rec", "r18-synthetic", "r18-rec")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per repetition (the loop runs one more)")
+    p.add_argument("--reps", type=int, default=2, help="alternating loop / step repetitions per case")
+    p.add_argument("--r18-batch", type=int, default=8)
+    p.add_argument("--r18-steps", type=int, default=6, help="--steps for the r18 cases (a CPU step takes seconds)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=20)
+    p.add_argument("--threads", type=int, default=-1, help="config.data.threads (input worker processes; -1 auto)")
+    p.add_argument("--rec-images", type=int, default=2048, help="images in the .rec of the r18-rec case")
+    p.add_argument("--jsonl", default=None)
+    return p.parse_args(argv)
+
+
+# ---- configs -----------------------------------------------------------------------------------------------------
+def _faces_spec(size: int) -> str:
+    return f"synthetic:num_classes=96,min_images=16,max_images=32,image_size={size},seed=0"
+
+
+def _write_rec(spec: str, prefix: str, limit: int | None = None) -> str:
+    """The images of a synthetic source written as JPEGs to ``prefix.rec`` (what a real face data set looks like)."""
+    from mixbct_jax.data import recordio, sources
+
+    source = sources.open_source(spec)
+    n = len(source) if limit is None else min(limit, len(source))
+    images = np.concatenate([source.read(np.arange(s, min(n, s + 512))) for s in range(0, n, 512)])
+    recordio.write_rec(prefix, images, np.asarray(source.labels[:n]))
+    return f"rec:{prefix}"
+
+
+def make_config(case: str, args, steps: int, tmp: str):
+    model, data = case.split("-")
+    if model == "quickstart":
+        c = config_lib.load("quickstart")
+        spec = c.data.source
+    else:
+        c = config_lib.load("quickstart")  # same data plumbing, r18 at the face size
+        spec = _faces_spec(112)
+    with c.unlocked():
+        if model == "r18":
+            c.model.arch, c.model.width, c.model.embedding_size, c.model.input_size = "r18", 1.0, 512, 112
+            c.model.num_classes = 10_000
+            c.data.global_batch = args.r18_batch
+            c.head.scale = 64.0
+        if data == "rec":
+            prefix = os.path.join(tmp, f"{model}_faces")
+            if not os.path.exists(prefix + ".rec"):
+                _write_rec(spec, prefix, None if model == "quickstart" else args.rec_images)
+            spec = f"rec:{prefix}"
+        c.data.source = spec
+        c.data.scenario = "full"
+        c.data.threads = args.threads
+        c.total_steps = steps + 1  # the first step compiles and is not timed by the trainer
+        c.log_every_steps = args.log_every
+        c.checkpoint.every_steps = args.ckpt_every
+        c.checkpoint.asynchronous = True
+        c.checkpoint.keep = 2
+        c.tensorboard = True
+        c.evals.retrieval = ""
+        c.evals.bin = ""
+    return c
+
+
+# ---- the step alone ------------------------------------------------------------------------------------------------
+def build_step(config):
+    """The trainer's step for ``config`` (same model, method, optimizer, mesh) and one device-resident batch.
+
+    Mirrors the model/state phases of ``train._train``; returns ``run(n)`` that times ``n`` steps.
+    """
+    from jax.sharding import Mesh
+
+    from mixbct_jax import bct, models, optim, step as step_lib
+    from mixbct_jax.data import pipeline, sources, splits
+
+    source = sources.open_source(config.data.source)
+    subset = splits.scenario(config.data.scenario, source.labels, config.data.split_ratio)[config.data.role]
+    num_classes = config.model.num_classes if config.model.num_classes > 0 else subset.num_classes
+    steps_per_epoch, total_steps = train.resolve_steps(config, len(subset))
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), (step_lib.AXIS,))
+    model = models.build_from_config(config.model)
+    method = bct.get(config.bct.method)
+    schedule = optim.make_schedule(config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    tx = optim.make_optimizer(config.optim, schedule)
+    key = jax.random.key(config.seed)
+    init_key, step_key = jax.random.split(key)
+
+    def init():
+        return step_lib.init_state(config, model, method, tx, key=init_key, num_classes=num_classes,
+                                   num_shards=len(devices))
+
+    abstract = jax.eval_shape(init)
+    body = step_lib.make_body(config, model, method, tx, schedule, num_classes=num_classes,
+                              global_batch=config.data.global_batch, steps_per_epoch=steps_per_epoch,
+                              total_steps=total_steps)
+    par = step_lib.parallelize(body, abstract, mesh=mesh, mode=config.parallel, consts={})
+    state = par.to_device(jax.jit(init, out_shardings=par.state_shardings())())
+    batches = pipeline.train_batches(source, subset, global_batch=config.data.global_batch, seed=config.seed,
+                                     flip=config.data.flip, threads=0)
+    host = next(batches)
+    batches.close()
+    batch = jax.block_until_ready(par.put_batch({k: host[k] for k in ("image", "label", "index")}))
+    consts = par.consts_to_device({})
+    box = {"state": state}
+
+    def run(n: int) -> float:
+        jax.block_until_ready(box["state"])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            box["state"], metrics = par.step(box["state"], batch, step_key, consts)
+        jax.block_until_ready((box["state"], metrics))
+        return time.perf_counter() - t0
+
+    run(2)  # compiles
+    return run
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+def run_loop(config, tmp: str, rep: int) -> float:
+    workdir = tempfile.mkdtemp(prefix=f"loop{rep}_", dir=tmp)
+    last = train.train_and_evaluate(config, workdir)
+    return float(last["img_per_s"])
+
+
+def run_case(case: str, args, tmp: str) -> dict:
+    steps = args.r18_steps if case.startswith("r18") else args.steps
+    config = make_config(case, args, steps, tmp)
+    batch = config.data.global_batch
+    t0 = time.perf_counter()
+    step = build_step(config)
+    compile_s = time.perf_counter() - t0
+    loop_rates, step_rates, loads = [], [], []
+    for rep in range(args.reps):
+        loads.append(os.getloadavg()[0])
+        # alternate which goes first, so a load change during a repetition does not always favour one side
+        order = ("loop", "step") if rep % 2 == 0 else ("step", "loop")
+        for what in order:
+            if what == "loop":
+                loop_rates.append(run_loop(config, tmp, rep))
+            else:
+                step_rates.append(steps * batch / step(steps))
+        print(f"  {case} rep {rep}: loop {loop_rates[-1]:.1f} img/s, step {step_rates[-1]:.1f} img/s "
+              f"(load {loads[-1]:.1f})", file=sys.stderr, flush=True)
+    loop, alone = statistics.median(loop_rates), statistics.median(step_rates)
+    ratios = [a / b for a, b in zip(loop_rates, step_rates)]
+    return dict(case=case, arch=config.model.arch, input_size=config.model.input_size, batch=batch, steps=steps,
+                reps=args.reps, source=config.data.source.split(":")[0], threads=config.data.threads,
+                log_every=config.log_every_steps, ckpt_every=config.checkpoint.every_steps,
+                loop_img_s=round(loop, 2), step_img_s=round(alone, 2), ratio=round(loop / alone, 3),
+                ratio_per_rep=[round(r, 3) for r in ratios], loop_img_s_all=[round(r, 2) for r in loop_rates],
+                step_img_s_all=[round(r, 2) for r in step_rates], load_avg=[round(x, 1) for x in loads],
+                step_build_s=round(compile_s, 1), platform=jax.devices()[0].platform, jax=jax.__version__)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="train_loop_") as tmp:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        for case in args.cases:
+            r = run_case(case, args, tmp)
+            line = json.dumps(r)
+            print(line, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(line + "\n")
+            print(f"{case}: loop {r['loop_img_s']} img/s vs step alone {r['step_img_s']} img/s = {r['ratio']:.3f} "
+                  f"(per rep {r['ratio_per_rep']}, load {r['load_avg']})", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
