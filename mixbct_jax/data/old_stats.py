@@ -24,7 +24,9 @@ from mixbct_jax.progress import Progress
 
 # Row- and column-normalisation guard, as the reference's "row-L2-normalise": x / max(||x||, 1e-12).
 _EPS = 1e-12
-DEFAULT_CHUNK_ROWS = 16384  # 16384 x 512 float64 = 64 MiB per buffer.
+# 2048 x 512 float64 = 8 MiB per buffer: the several operations on a chunk find it in the CPU cache (16384 rows,
+# 64 MiB, made each one a trip to memory; the results do not depend on it).
+DEFAULT_CHUNK_ROWS = 2048
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,14 +127,26 @@ def _load_chunk(
 
 
 def _row_norms(
-    features: np.ndarray, *, with_col_sumsq: bool, chunk_rows: int, verbose: bool, label: str
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """One pass: row divisors max(||x||, eps) [N] and, optionally, column sums of squares [D] of the
-    row-normalised features (float64)."""
+    features: np.ndarray,
+    *,
+    with_col_sumsq: bool,
+    chunk_rows: int,
+    verbose: bool,
+    label: str,
+    class_ids: np.ndarray | None = None,
+    num_classes: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One pass: row divisors max(||x||, eps) [N] and, optionally, column sums of squares [D] and per-class sums
+    [C, D] (``class_ids`` given) of the row-normalised features (float64).
+
+    The class sums ride along on this pass instead of a pass of their own: the features are read and converted
+    once less, which is most of the cost of the tools at scale.
+    """
     num_rows, dim = features.shape
     buffer = np.empty((min(chunk_rows, num_rows), dim), np.float64)
     row_div = np.empty(num_rows, np.float64)
     col_sumsq = np.zeros(dim, np.float64) if with_col_sumsq else None
+    sums = np.zeros((num_classes, dim), np.float64) if class_ids is not None else None
     for start, stop in _chunks(num_rows, chunk_rows, label, verbose):
         chunk = _load_chunk(features, start, stop, buffer, None, None)
         norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))  # [m]
@@ -143,10 +157,15 @@ def _row_norms(
                 "embeddings, fix the model or the extraction before preparing them"
             )
         row_div[start:stop] = np.maximum(norms, _EPS)
+        if col_sumsq is None and sums is None:
+            continue
+        chunk /= row_div[start:stop, None]
         if col_sumsq is not None:
-            chunk /= row_div[start:stop, None]
             col_sumsq += np.einsum("ij,ij->j", chunk, chunk)
-    return row_div, col_sumsq
+        if sums is not None:
+            present, local = np.unique(class_ids[start:stop], return_inverse=True)
+            sums[present] += _segment_sums(chunk, local, present.size)
+    return row_div, col_sumsq, sums
 
 
 def _segment_sums(values: np.ndarray, segment: np.ndarray, num_segments: int) -> np.ndarray:
@@ -236,7 +255,7 @@ def denoise(
       labels: [N] integer labels in the same row order.
       keep: fraction T in [0, 1] of each class to keep.
       group_by_label: group rows by label value instead of by runs of consecutive equal labels.
-      chunk_rows: rows per streaming chunk (three passes over the features are made).
+      chunk_rows: rows per streaming chunk (two passes over the features are made).
       verbose: print per-pass progress with an ETA to stderr.
 
     Returns:
@@ -258,20 +277,20 @@ def denoise(
     counts = np.bincount(class_ids, minlength=num_classes)  # [C], all >= 1
     common = dict(chunk_rows=chunk_rows, verbose=verbose)
 
-    row_div, col_sumsq = _row_norms(
-        features, with_col_sumsq=True, label="denoise pass 1/3 (norms)", **common
+    row_div, col_sumsq, sums = _row_norms(
+        features, with_col_sumsq=True, class_ids=class_ids, num_classes=num_classes,
+        label="denoise pass 1/2 (norms, class sums)", **common
     )
     # Column norms over ALL rows, as sklearn's normalize(axis=0): zero columns are left unchanged.
     col_div = np.sqrt(col_sumsq)
     col_div[col_div == 0.0] = 1.0
     scale = dict(row_div=row_div, col_div=col_div)
-    sums = _class_sums(
-        features, class_ids, num_classes, label="denoise pass 2/3 (class means)", **scale, **common
-    )
-    means = sums / counts[:, None]  # [C, D]
+    # The class means of the column-scaled rows: the column scale is one constant per column, so it divides the
+    # sums of the row-normalised rows (equal up to float64 rounding to summing the scaled rows; no extra pass).
+    means = sums / col_div[None, :] / counts[:, None]  # [C, D]
     del sums
     distances = _distances(
-        features, class_ids, means, label="denoise pass 3/3 (distances)", **scale, **common
+        features, class_ids, means, label="denoise pass 2/2 (distances)", **scale, **common
     )
     del means
 
@@ -364,12 +383,12 @@ def advbct_meta(
     num_classes = _check_class_labels(labels, num_classes)
     counts = np.bincount(labels, minlength=num_classes)  # [C]
     common = dict(chunk_rows=chunk_rows, verbose=verbose)
-    row_div, _ = _row_norms(features, with_col_sumsq=False, label="advbct-meta pass 1/3 (norms)", **common)
+    row_div, _, sums = _row_norms(features, with_col_sumsq=False, class_ids=labels, num_classes=num_classes,
+                                  label="advbct-meta pass 1/2 (norms, centres)", **common)
     scale = dict(row_div=row_div, col_div=None)
-    sums = _class_sums(features, labels, num_classes, label="advbct-meta pass 2/3 (centres)", **scale, **common)
     centers = sums / np.maximum(counts, 1)[:, None]  # [C, D]
     del sums
-    radii = _distances(features, labels, centers, label="advbct-meta pass 3/3 (radii)", **scale, **common)
+    radii = _distances(features, labels, centers, label="advbct-meta pass 2/2 (radii)", **scale, **common)
 
     order = np.lexsort((radii, labels))
     sorted_radii, sorted_ids = radii[order], labels[order]  # [N], grouped by class, ascending radius
