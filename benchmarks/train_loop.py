@@ -11,7 +11,9 @@ For each case (a model and a data source) it times, in alternating repetitions:
 
 Ratio = loop / step (1.0 = the loop costs nothing beyond the step). On a shared CPU the two alternate, so load
 from other processes falls on both alike; a persistent compilation cache (a temporary folder) keeps each loop
-repetition from recompiling.
+repetition from recompiling. Because wall-clock rates on a busy machine swing with the other jobs, each side is
+also given in images per CPU-second (this process and its input worker processes, from /proc, between the
+loop's first and last metrics.jsonl records): the loop's extra work per image, little affected by other load.
 
   python benchmarks/train_loop.py                      # quickstart model, synthetic + .rec; r18 112x112 likewise
   python benchmarks/train_loop.py --cases quickstart-synthetic --steps 60 --reps 3
@@ -31,14 +33,17 @@ import pathlib
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mixbct_jax import config as config_lib, train  # noqa: E402
+from input_pipeline import tree_cpu_seconds  # noqa: E402
 
 CASES = ("quickstart-synthetic", "quickstart-rec", "r18-synthetic", "r18-rec")
 
@@ -149,23 +154,57 @@ def build_step(config):
     consts = par.consts_to_device({})
     box = {"state": state}
 
-    def run(n: int) -> float:
+    def run(n: int) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) of n steps."""
         jax.block_until_ready(box["state"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), tree_cpu_seconds()
         for _ in range(n):
             box["state"], metrics = par.step(box["state"], batch, step_key, consts)
         jax.block_until_ready((box["state"], metrics))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, tree_cpu_seconds() - c0
 
     run(2)  # compiles
     return run
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
-def run_loop(config, tmp: str, rep: int) -> float:
+class _CpuSampler:
+    """(wall time, CPU seconds of this process tree) every ``period`` s, in a thread, while the loop runs."""
+
+    def __init__(self, period: float = 0.25):
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), tree_cpu_seconds()))
+            self._stop.wait(period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_at(self, t: float) -> float:
+        times, cpus = zip(*self.samples)
+        return float(np.interp(t, times, cpus))
+
+
+def run_loop(config, tmp: str, rep: int) -> tuple[float, float]:
+    """(img/s, img per CPU-second) of the trainer; both over the steps after the first (compiling) one."""
     workdir = tempfile.mkdtemp(prefix=f"loop{rep}_", dir=tmp)
-    last = train.train_and_evaluate(config, workdir)
-    return float(last["img_per_s"])
+    with _CpuSampler() as sampler:
+        last = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    first, final = records[0], records[-1]  # CPU per image between two log records (no compile, no setup)
+    cpu = sampler.cpu_at(final["time"]) - sampler.cpu_at(first["time"])
+    images = (final["step"] - first["step"]) * config.data.global_batch
+    return float(last["img_per_s"]), images / max(cpu, 1e-9)
 
 
 def run_case(case: str, args, tmp: str) -> dict:
@@ -175,18 +214,23 @@ def run_case(case: str, args, tmp: str) -> dict:
     t0 = time.perf_counter()
     step = build_step(config)
     compile_s = time.perf_counter() - t0
-    loop_rates, step_rates, loads = [], [], []
+    loop_rates, step_rates, loop_cpu, step_cpu, loads = [], [], [], [], []
     for rep in range(args.reps):
         loads.append(os.getloadavg()[0])
         # alternate which goes first, so a load change during a repetition does not always favour one side
         order = ("loop", "step") if rep % 2 == 0 else ("step", "loop")
         for what in order:
             if what == "loop":
-                loop_rates.append(run_loop(config, tmp, rep))
+                rate, per_cpu = run_loop(config, tmp, rep)
+                loop_rates.append(rate)
+                loop_cpu.append(per_cpu)
             else:
-                step_rates.append(steps * batch / step(steps))
-        print(f"  {case} rep {rep}: loop {loop_rates[-1]:.1f} img/s, step {step_rates[-1]:.1f} img/s "
-              f"(load {loads[-1]:.1f})", file=sys.stderr, flush=True)
+                wall, cpu = step(steps)
+                step_rates.append(steps * batch / wall)
+                step_cpu.append(steps * batch / max(cpu, 1e-9))
+        print(f"  {case} rep {rep}: loop {loop_rates[-1]:.1f} img/s ({loop_cpu[-1]:.1f} img/CPU-s), step "
+              f"{step_rates[-1]:.1f} img/s ({step_cpu[-1]:.1f} img/CPU-s) (load {loads[-1]:.1f})",
+              file=sys.stderr, flush=True)
     loop, alone = statistics.median(loop_rates), statistics.median(step_rates)
     ratios = [a / b for a, b in zip(loop_rates, step_rates)]
     return dict(case=case, arch=config.model.arch, input_size=config.model.input_size, batch=batch, steps=steps,
@@ -195,6 +239,9 @@ def run_case(case: str, args, tmp: str) -> dict:
                 loop_img_s=round(loop, 2), step_img_s=round(alone, 2), ratio=round(loop / alone, 3),
                 ratio_per_rep=[round(r, 3) for r in ratios], loop_img_s_all=[round(r, 2) for r in loop_rates],
                 step_img_s_all=[round(r, 2) for r in step_rates], load_avg=[round(x, 1) for x in loads],
+                loop_img_cpu_s=round(statistics.median(loop_cpu), 2),
+                step_img_cpu_s=round(statistics.median(step_cpu), 2),
+                ratio_cpu=round(statistics.median(loop_cpu) / statistics.median(step_cpu), 3),
                 step_build_s=round(compile_s, 1), platform=jax.devices()[0].platform, jax=jax.__version__)
 
 
@@ -214,7 +261,8 @@ def main(argv=None) -> int:
                 with open(args.jsonl, "a") as f:
                     f.write(line + "\n")
             print(f"{case}: loop {r['loop_img_s']} img/s vs step alone {r['step_img_s']} img/s = {r['ratio']:.3f} "
-                  f"(per rep {r['ratio_per_rep']}, load {r['load_avg']})", file=sys.stderr, flush=True)
+                  f"(per rep {r['ratio_per_rep']}, load {r['load_avg']}); per CPU-second {r['loop_img_cpu_s']} vs "
+                  f"{r['step_img_cpu_s']} = {r['ratio_cpu']:.3f}", file=sys.stderr, flush=True)
     return 0
 
 
