@@ -223,12 +223,24 @@ class SyntheticSource:
         self.image_shape = faces.image_shape
         self._cache: np.ndarray | None = None
         self._rendered: np.ndarray | None = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.faces)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": None, "_rendered": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_rendered", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _cache=None, _rendered=None, _lock=threading.Lock())
+
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:  # one allocation even when two threads read first at once
+            if self._cache is None:
+                n = len(self.faces)
+                self._cache = np.empty((n, *self.image_shape), np.uint8)  # pages are touched only when written
+                self._rendered = np.zeros(n, bool)
+            return self._cache, self._rendered
 
     def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -236,14 +248,12 @@ class SyntheticSource:
         too_big = n * int(np.prod(self.image_shape)) > self.RENDER_CACHE_BYTES
         if too_big or len(idx) == 0 or idx.min() < 0 or idx.max() >= n:
             return self.faces.read(idx)  # also raises the out-of-range error
-        if self._cache is None:
-            self._cache = np.empty((n, *self.image_shape), np.uint8)  # pages are only touched when written
-            self._rendered = np.zeros(n, bool)
-        missing = np.unique(idx[~self._rendered[idx]])
+        cache, rendered = self._buffers()
+        missing = np.unique(idx[~rendered[idx]])
         if missing.size:
-            self._cache[missing] = self.faces.read(missing)
-            self._rendered[missing] = True  # after the pixels: a concurrent reader never sees unwritten rows
-        return self._cache[idx]
+            cache[missing] = self.faces.read(missing)
+            rendered[missing] = True  # after the pixels: a concurrent reader never sees unwritten rows
+        return cache[idx]
 
     def read_encoded(self, index: int) -> bytes | None:
         return None
