@@ -84,6 +84,20 @@ class _PeakAnonRss:
         self.peak_kib = max(self.peak_kib, self._read())
 
 
+def _floor_pass(features: np.ndarray, *, convert: bool, chunk_rows: int = 2048) -> tuple[float, float]:
+    """(seconds, GB/s) of one chunked pass over the rows: XOR of the raw bytes, or a copy into float64."""
+    buffer = np.empty((chunk_rows, features.shape[1]), np.float64)
+    start = time.perf_counter()
+    for lo in range(0, features.shape[0], chunk_rows):
+        rows = features[lo : lo + chunk_rows]
+        if convert:
+            buffer[: rows.shape[0]] = rows
+        else:
+            np.bitwise_xor.reduce(np.ascontiguousarray(rows).reshape(-1).view(np.uint8), axis=None)
+    seconds = time.perf_counter() - start
+    return round(seconds, 2), round(features.nbytes / seconds / 1e9, 2)
+
+
 def measure(folder: str, tools: list[str]) -> dict:
     """Runs in a fresh process: memory-maps the files and times the tools."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -92,11 +106,17 @@ def measure(folder: str, tools: list[str]) -> dict:
 
     features = np.load(os.path.join(folder, "features.npy"), mmap_mode="r")
     labels = np.load(os.path.join(folder, "labels.npy"), mmap_mode="r")
-    results: dict = {"rows": features.shape[0], "dim": features.shape[1]}
+    results: dict = {"rows": features.shape[0], "dim": features.shape[1], "load_avg": os.getloadavg()[0],
+                     "threads": old_stats.default_threads()}
+    # The limits, in the same run: one pass that only reads the file's bytes (memory bandwidth, page cache), and
+    # one that converts every value to float64 as the tools must (denoise makes two such passes).
+    results["read_pass_s"], results["read_pass_gb_s"] = _floor_pass(features, convert=False)
+    results["convert_pass_s"], _ = _floor_pass(features, convert=True)
     with _PeakAnonRss() as anon:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         mask = old_stats.denoise(features, labels, keep=0.9, verbose=True)
         results["denoise_s"] = round(time.perf_counter() - start, 1)
+        results["denoise_cpu_s"] = round(time.process_time() - cpu, 1)
         results["credible_fraction"] = round(float(mask.mean()), 4)
         results["denoise_peak_anon_rss_gib"] = round(anon.peak_kib / 2**20, 2)
         results["denoise_ru_maxrss_gib"] = round(

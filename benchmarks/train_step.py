@@ -64,9 +64,15 @@ GPU_PRESET = (
 )
 PRESET_STEPS, PRESET_WARMUP, PRESET_WINDOWS = 20, 5, 4
 
-ARCH_STAGES = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3),
+ARCH_STAGES = {"r_tiny": (1, 1, 1, 1), "r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3),
                "r200": (6, 26, 60, 6)}
 WIDTHS = (64, 128, 256, 512)
+
+
+def stage_widths(width: float = 1.0) -> tuple[int, ...]:
+    """The stage widths scaled as mixbct_jax's IResNet ``width`` does (r_tiny at 0.25 is the quickstart model)."""
+    return tuple(max(1, int(round(c * width))) for c in WIDTHS)
+
 # insightface ViTs (the reference MixBCT code's backbones/vit.py): embed_dim, depth, mask_ratio; 8 heads, patch 9, MLP 4E.
 VIT_DIMS = {"vit_t": (256, 12, 0.1), "vit_s": (512, 12, 0.1), "vit_b": (512, 24, 0.1), "vit_l": (768, 24, 0.05)}
 VIT_PATCH = 9
@@ -84,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="global batch (split over the JAX devices)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--input-size", type=int, default=112)
+    p.add_argument("--width", type=float, default=1.0, help="IResNet stage-width multiplier (r_tiny 0.25 at "
+                   "--input-size 32 is the quickstart model)")
     p.add_argument("--embedding-size", type=int, default=512)
     p.add_argument("--num-classes", type=int, default=10000)
     p.add_argument("--method", default="none", choices=("none", "mixbct"), help="BCT method of the JAX step")
@@ -128,15 +136,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 # FLOPs, machine
 # ---------------------------------------------------------------------------------------------------------------
-def forward_macs(arch: str, input_size: int, embedding_size: int) -> int:
+def forward_macs(arch: str, input_size: int, embedding_size: int, width: float = 1.0) -> int:
     """Multiply-accumulates of one image's forward: every conv (stem, blocks, 1x1 shortcuts) and the fc layer.
 
     BatchNorm, PReLU, additions and the classifier head are left out (about 0.1% for r50 with 10k classes).
     """
-    s = input_size
-    macs = s * s * 3 * WIDTHS[0] * 9  # stem, stride 1
-    cin = WIDTHS[0]
-    for n_blocks, planes in zip(ARCH_STAGES[arch], WIDTHS):
+    s, widths = input_size, stage_widths(width)
+    macs = s * s * 3 * widths[0] * 9  # stem, stride 1
+    cin = widths[0]
+    for n_blocks, planes in zip(ARCH_STAGES[arch], widths):
         for b in range(n_blocks):
             stride = 2 if b == 0 else 1
             out = s // stride
@@ -160,11 +168,11 @@ def vit_forward_macs(arch: str, input_size: int, embedding_size: int, train: boo
     return macs
 
 
-def train_gflop_per_image(arch: str, input_size: int, embedding_size: int) -> float:
+def train_gflop_per_image(arch: str, input_size: int, embedding_size: int, width: float = 1.0) -> float:
     """3 x forward MACs x 2: forward + backward (twice the forward) in FLOPs; r50 at 112 -> 37.9, vit_s -> 30.8."""
     if arch in VIT_DIMS:
         return 3 * 2 * vit_forward_macs(arch, input_size, embedding_size) / 1e9
-    return 3 * 2 * forward_macs(arch, input_size, embedding_size) / 1e9
+    return 3 * 2 * forward_macs(arch, input_size, embedding_size, width) / 1e9
 
 
 def expected_init_loss(num_classes: int, embedding_size: int) -> float:
@@ -255,6 +263,7 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
     config.model.remat = args.remat if arch in VIT_DIMS else "auto"
     config.model.embedding_size = args.embedding_size
     config.model.input_size = args.input_size
+    config.model.width = args.width
     config.model.dtype = args.dtype
     config.model.num_classes = args.num_classes
     config.data.global_batch = args.batch
@@ -312,7 +321,7 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
                   lambda: box["metrics"]["loss"], close)
 
 
-def build_torch_iresnet(torch, arch: str, input_size: int, embedding_size: int):
+def build_torch_iresnet(torch, arch: str, input_size: int, embedding_size: int, width: float = 1.0):
     """IResNet as the reference MixBCT code's backbones/iresnet.py (NCHW): pre-BN basic blocks with PReLU, stride on the second conv, BN1d head."""
     nn = torch.nn
 
@@ -337,11 +346,12 @@ def build_torch_iresnet(torch, arch: str, input_size: int, embedding_size: int):
     class IResNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv1 = nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(WIDTHS[0], eps=1e-5)
-            self.prelu = nn.PReLU(WIDTHS[0])
-            blocks, cin = [], WIDTHS[0]
-            for n_blocks, planes in zip(ARCH_STAGES[arch], WIDTHS):
+            widths = stage_widths(width)
+            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(widths[0], eps=1e-5)
+            self.prelu = nn.PReLU(widths[0])
+            blocks, cin = [], widths[0]
+            for n_blocks, planes in zip(ARCH_STAGES[arch], widths):
                 for b in range(n_blocks):
                     blocks.append(IBasicBlock(cin, planes, 2 if b == 0 else 1))
                     cin = planes
@@ -373,7 +383,7 @@ def setup_torch(args) -> Runner:
         torch.backends.cudnn.benchmark = True  # as the reference's train.py
     torch.manual_seed(0)
     memory_format = torch.channels_last if cuda else torch.contiguous_format
-    model = build_torch_iresnet(torch, args.arch, args.input_size, args.embedding_size)
+    model = build_torch_iresnet(torch, args.arch, args.input_size, args.embedding_size, args.width)
     model = model.to(device, memory_format=memory_format).train()
     centres = torch.nn.Parameter(0.01 * torch.randn(args.num_classes, args.embedding_size, device=device))
     backbone = [p for p in model.parameters() if p.requires_grad]
@@ -446,7 +456,7 @@ def run_one(args) -> dict:
               "input_size": args.input_size, "embedding_size": args.embedding_size,
               "num_classes": args.num_classes, "steps": args.steps, "warmup": args.warmup, "windows": args.windows,
               "cpu": cpu_description(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-              "gflop_per_img": round(train_gflop_per_image(args.arch, args.input_size, args.embedding_size), 3),
+              "gflop_per_img": round(train_gflop_per_image(args.arch, args.input_size, args.embedding_size, args.width), 3),
               "flop_count": ("analytic: 3 x 2 x forward MACs of " +
                              ("patch conv + blocks on the kept tokens + head" if args.arch in VIT_DIMS
                               else "convs + fc")),
@@ -498,7 +508,8 @@ def run_one(args) -> dict:
                              f"{record['cpu_count']} CPUs")
     record["ratio_jax_over_torch"] = jx["img_s"] / pt["img_s"] if jx and pt else None
     flop = record["gflop_per_img"] * 1e9
-    for x, gflop in ((jx, record["gflop_per_img"]), (bs, record["baseline_gflop_per_img"])):
+    for x, gflop in ((jx, record["gflop_per_img"]), (pt, record["gflop_per_img"]),
+                     (bs, record["baseline_gflop_per_img"])):
         if x:  # achieved model GFLOP/s: the CPU figure (no known peak), and the MFU's numerator on a GPU
             x["model_gflop_s"] = x["img_s"] * gflop
     if bs and bs["platform"] != "cpu":

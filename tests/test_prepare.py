@@ -277,3 +277,13 @@ def test_cli_errors_name_the_file(tmp_path):
     with pytest.raises(SystemExit, match=r"--out .*c\.txt must end with \.npy"):
         prepare.main([*base, "--labels", str(tmp_path / "short_labels.npy"), "--out", str(tmp_path / "c.txt")])
     assert not (tmp_path / "c.npy").exists()
+
+
+def test_streaming_passes_give_the_same_bits_on_any_thread_count():
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(9), rng.integers(1, 12, 9))
+    features = rng.standard_normal((labels.size, 6)).astype(np.float16)
+    for tool in (old_stats.denoise, old_stats.class_means, old_stats.advbct_meta):
+        one, three = (tool(features, labels, chunk_rows=4, threads=t) for t in (1, 3))
+        for a, b in zip(*(x.values() if isinstance(x, dict) else [x] for x in (one, three))):
+            np.testing.assert_array_equal(a, b)

@@ -270,3 +270,20 @@ def test_decode_rgb_matches_opencv_on_omniglot_jpegs(omniglot_dir):
             png = cv2.imencode(".png", array)[1].tobytes()
             flipped = sources.decode_rgb(png, "x", flip=True)
             np.testing.assert_array_equal(flipped, sources.decode_rgb(png, "x")[:, ::-1])
+
+
+def test_synthetic_render_cache_gives_the_rendered_pixels():
+    import pickle
+
+    spec = "synthetic:num_classes=5,min_images=2,max_images=3,image_size=16,seed=3"
+    src = sources.open_source(spec)
+    faces = SyntheticFaces(num_classes=5, min_images=2, max_images=3, image_size=16, seed=3)
+    first = src.read([3, 1, 3])  # repeated index, partly cached afterwards
+    again = src.read(np.arange(len(src))[::-1])
+    np.testing.assert_array_equal(first, faces.read([3, 1, 3]))
+    np.testing.assert_array_equal(again, faces.read(np.arange(len(faces))[::-1]))
+    again[:] = 0  # a read is a copy: the cache is not changed through it
+    np.testing.assert_array_equal(src.read([0]), faces.read([0]))
+    assert pickle.loads(pickle.dumps(src))._cache is None  # worker processes do not receive the images
+    with pytest.raises(IndexError, match="out of range"):
+        src.read([len(src)])

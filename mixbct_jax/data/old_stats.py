@@ -14,8 +14,11 @@ vectorised (sparse one-hot sums, one lexsort), never a Python loop over classes 
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import scipy.sparse
@@ -24,7 +27,9 @@ from mixbct_jax.progress import Progress
 
 # Row- and column-normalisation guard, as the reference's "row-L2-normalise": x / max(||x||, 1e-12).
 _EPS = 1e-12
-DEFAULT_CHUNK_ROWS = 16384  # 16384 x 512 float64 = 64 MiB per buffer.
+# 2048 x 512 float64 = 8 MiB per buffer: the several operations on a chunk find it in the CPU cache (16384 rows,
+# 64 MiB, made each one a trip to memory; the results do not depend on it).
+DEFAULT_CHUNK_ROWS = 2048
 
 
 # ------------------------------------------------------------------------------------------------
@@ -36,6 +41,57 @@ def _chunks(num_rows: int, chunk_rows: int, label: str, verbose: bool) -> Iterat
             stop = min(start + chunk_rows, num_rows)
             yield start, stop
             progress.update(stop - start)
+
+
+def default_threads() -> int:
+    """Worker threads of the streaming passes: the cores this process may use, at most 4 (the passes then wait
+    on memory)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
+
+
+def _map_chunks(
+    num_rows: int,
+    chunk_rows: int,
+    label: str,
+    verbose: bool,
+    threads: int | None,
+    work: Callable[[int, int, dict], object],
+) -> Iterator[tuple[int, int, object]]:
+    """``(start, stop, work(start, stop, scratch))`` for each row chunk, in chunk order.
+
+    The chunks run on up to ``threads`` threads (NumPy releases the GIL in the arithmetic); each thread has its
+    own ``scratch`` dict for reusable buffers. Results come back in chunk order and the caller reduces them in
+    that order, so every sum is the same, bit for bit, whatever the thread count.
+    """
+    threads = default_threads() if threads is None else max(1, int(threads))
+    local = threading.local()
+
+    def run(start: int, stop: int) -> object:
+        if not hasattr(local, "scratch"):
+            local.scratch = {}
+        return work(start, stop, local.scratch)
+
+    ranges = _chunks(num_rows, chunk_rows, label, verbose)
+    if threads == 1:
+        for start, stop in ranges:
+            yield start, stop, run(start, stop)
+        return
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending: list = []
+        for start, stop in ranges:  # the progress bar advances as chunks are submitted, 2 per thread ahead
+            pending.append((start, stop, pool.submit(run, start, stop)))
+            if len(pending) > 2 * threads:
+                a, b, future = pending.pop(0)
+                yield a, b, future.result()
+        for a, b, future in pending:
+            yield a, b, future.result()
+
+
+def _buffer(scratch: dict, name: str, rows: int, dim: int) -> np.ndarray:
+    if name not in scratch or scratch[name].shape[0] < rows:
+        scratch[name] = np.empty((rows, dim), np.float64)
+    return scratch[name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,28 +181,56 @@ def _load_chunk(
 
 
 def _row_norms(
-    features: np.ndarray, *, with_col_sumsq: bool, chunk_rows: int, verbose: bool, label: str
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """One pass: row divisors max(||x||, eps) [N] and, optionally, column sums of squares [D] of the
-    row-normalised features (float64)."""
+    features: np.ndarray,
+    *,
+    with_col_sumsq: bool,
+    chunk_rows: int,
+    verbose: bool,
+    label: str,
+    class_ids: np.ndarray | None = None,
+    num_classes: int = 0,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One pass: row divisors max(||x||, eps) [N] and, optionally, column sums of squares [D] and per-class sums
+    [C, D] (``class_ids`` given) of the row-normalised features (float64).
+
+    The class sums ride along on this pass instead of a pass of their own: the features are read and converted
+    once less, which is most of the cost of the tools at scale.
+    """
     num_rows, dim = features.shape
-    buffer = np.empty((min(chunk_rows, num_rows), dim), np.float64)
     row_div = np.empty(num_rows, np.float64)
     col_sumsq = np.zeros(dim, np.float64) if with_col_sumsq else None
-    for start, stop in _chunks(num_rows, chunk_rows, label, verbose):
+    sums = np.zeros((num_classes, dim), np.float64) if class_ids is not None else None
+
+    def work(start: int, stop: int, scratch: dict):
+        buffer = _buffer(scratch, "chunk", min(chunk_rows, num_rows), dim)
         chunk = _load_chunk(features, start, stop, buffer, None, None)
         norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))  # [m]
         if not np.all(np.isfinite(norms)):
-            bad = start + int(np.flatnonzero(~np.isfinite(norms))[0])
+            return start + int(np.flatnonzero(~np.isfinite(norms))[0])  # the first bad row
+        row_div[start:stop] = np.maximum(norms, _EPS)  # each chunk writes its own rows
+        col_part = class_part = None
+        if col_sumsq is not None or sums is not None:
+            chunk /= row_div[start:stop, None]
+        if col_sumsq is not None:
+            col_part = np.einsum("ij,ij->j", chunk, chunk)
+        if sums is not None:
+            present, local = np.unique(class_ids[start:stop], return_inverse=True)
+            class_part = present, _segment_sums(chunk, local, present.size)
+        return col_part, class_part
+
+    for _, _, result in _map_chunks(num_rows, chunk_rows, label, verbose, threads, work):
+        if not isinstance(result, tuple):
             raise ValueError(
-                f"features row {bad} contains NaN or Inf; the old model produced non-finite "
+                f"features row {result} contains NaN or Inf; the old model produced non-finite "
                 "embeddings, fix the model or the extraction before preparing them"
             )
-        row_div[start:stop] = np.maximum(norms, _EPS)
-        if col_sumsq is not None:
-            chunk /= row_div[start:stop, None]
-            col_sumsq += np.einsum("ij,ij->j", chunk, chunk)
-    return row_div, col_sumsq
+        col_part, class_part = result
+        if col_part is not None:
+            col_sumsq += col_part
+        if class_part is not None:
+            sums[class_part[0]] += class_part[1]
+    return row_div, col_sumsq, sums
 
 
 def _segment_sums(values: np.ndarray, segment: np.ndarray, num_segments: int) -> np.ndarray:
@@ -170,15 +254,20 @@ def _class_sums(
     chunk_rows: int,
     verbose: bool,
     label: str,
+    threads: int | None = None,
 ) -> np.ndarray:
     """One pass: float64 per-class sums [C, D] of the (optionally row/column-scaled) features."""
     num_rows, dim = features.shape
-    buffer = np.empty((min(chunk_rows, num_rows), dim), np.float64)
     sums = np.zeros((num_classes, dim), np.float64)
-    for start, stop in _chunks(num_rows, chunk_rows, label, verbose):
+
+    def work(start: int, stop: int, scratch: dict):
+        buffer = _buffer(scratch, "chunk", min(chunk_rows, num_rows), dim)
         chunk = _load_chunk(features, start, stop, buffer, row_div, col_div)
         present, local = np.unique(class_ids[start:stop], return_inverse=True)
-        sums[present] += _segment_sums(chunk, local, present.size)
+        return present, _segment_sums(chunk, local, present.size)
+
+    for _, _, (present, part) in _map_chunks(num_rows, chunk_rows, label, verbose, threads, work):
+        sums[present] += part
     return sums
 
 
@@ -192,19 +281,23 @@ def _distances(
     chunk_rows: int,
     verbose: bool,
     label: str,
+    threads: int | None = None,
 ) -> np.ndarray:
     """One pass: float64 Euclidean distance of each (scaled) row to its class centre [N]."""
     num_rows, dim = features.shape
-    buffer = np.empty((min(chunk_rows, num_rows), dim), np.float64)
-    # Reused for the gathered centres: a fresh 64 MiB array per chunk costs more in page faults
-    # than the arithmetic.
-    gathered = np.empty_like(buffer)
     distances = np.empty(num_rows, np.float64)
-    for start, stop in _chunks(num_rows, chunk_rows, label, verbose):
-        chunk = _load_chunk(features, start, stop, buffer, row_div, col_div)
+
+    def work(start: int, stop: int, scratch: dict) -> None:
+        rows = min(chunk_rows, num_rows)
+        chunk = _load_chunk(features, start, stop, _buffer(scratch, "chunk", rows, dim), row_div, col_div)
+        # Reused for the gathered centres: a fresh array per chunk costs more in page faults than the arithmetic.
         # mode="clip" (ids are valid) because mode="raise" buffers `out`, which is what we avoid.
-        chunk -= np.take(centres, class_ids[start:stop], axis=0, out=gathered[: stop - start], mode="clip")
-        distances[start:stop] = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+        gathered = _buffer(scratch, "gathered", rows, dim)[: stop - start]
+        chunk -= np.take(centres, class_ids[start:stop], axis=0, out=gathered, mode="clip")
+        distances[start:stop] = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))  # each chunk writes its own rows
+
+    for _ in _map_chunks(num_rows, chunk_rows, label, verbose, threads, work):
+        pass
     return distances
 
 
@@ -219,6 +312,7 @@ def denoise(
     group_by_label: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     verbose: bool = False,
+    threads: int | None = None,
 ) -> np.ndarray:
     """MixBCT's credible mask: the ``ceil(keep * n)`` rows of each class nearest its mean (docs/methods.md (MixBCT)).
 
@@ -236,8 +330,10 @@ def denoise(
       labels: [N] integer labels in the same row order.
       keep: fraction T in [0, 1] of each class to keep.
       group_by_label: group rows by label value instead of by runs of consecutive equal labels.
-      chunk_rows: rows per streaming chunk (three passes over the features are made).
+      chunk_rows: rows per streaming chunk (two passes over the features are made).
       verbose: print per-pass progress with an ETA to stderr.
+      threads: threads that process chunks at once (None: :func:`default_threads`); the result does not
+        depend on it.
 
     Returns:
       [N] bool mask, True for credible rows.
@@ -256,22 +352,22 @@ def denoise(
         class_ids = _run_ids(labels)
     num_classes = int(class_ids.max()) + 1
     counts = np.bincount(class_ids, minlength=num_classes)  # [C], all >= 1
-    common = dict(chunk_rows=chunk_rows, verbose=verbose)
+    common = dict(chunk_rows=chunk_rows, verbose=verbose, threads=threads)
 
-    row_div, col_sumsq = _row_norms(
-        features, with_col_sumsq=True, label="denoise pass 1/3 (norms)", **common
+    row_div, col_sumsq, sums = _row_norms(
+        features, with_col_sumsq=True, class_ids=class_ids, num_classes=num_classes,
+        label="denoise pass 1/2 (norms, class sums)", **common
     )
     # Column norms over ALL rows, as sklearn's normalize(axis=0): zero columns are left unchanged.
     col_div = np.sqrt(col_sumsq)
     col_div[col_div == 0.0] = 1.0
     scale = dict(row_div=row_div, col_div=col_div)
-    sums = _class_sums(
-        features, class_ids, num_classes, label="denoise pass 2/3 (class means)", **scale, **common
-    )
-    means = sums / counts[:, None]  # [C, D]
+    # The class means of the column-scaled rows: the column scale is one constant per column, so it divides the
+    # sums of the row-normalised rows (equal up to float64 rounding to summing the scaled rows; no extra pass).
+    means = sums / col_div[None, :] / counts[:, None]  # [C, D]
     del sums
     distances = _distances(
-        features, class_ids, means, label="denoise pass 3/3 (distances)", **scale, **common
+        features, class_ids, means, label="denoise pass 2/2 (distances)", **scale, **common
     )
     del means
 
@@ -294,6 +390,7 @@ def class_means(
     normalize: bool = True,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     verbose: bool = False,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Per-class mean of the raw old features, row-L2-normalised (docs/methods.md (BCT); BCT/UniBCT prototypes).
 
@@ -308,6 +405,7 @@ def class_means(
         refined prototypes equal (docs/methods.md (UniBCT)).
       chunk_rows: rows per streaming chunk.
       verbose: print progress with an ETA to stderr.
+      threads: threads that process chunks at once (None: :func:`default_threads`).
 
     Returns:
       [C, D] float32 class means.
@@ -324,6 +422,7 @@ def class_means(
         chunk_rows=chunk_rows,
         verbose=verbose,
         label="class-means",
+        threads=threads,
     )
     means = sums / np.maximum(counts, 1)[:, None]  # [C, D]
     if normalize:
@@ -339,6 +438,7 @@ def advbct_meta(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     verbose: bool = False,
+    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """AdvBCT's per-class centre and IQR-filtered radius (docs/methods.md (AdvBCT) "offline meta").
 
@@ -353,6 +453,7 @@ def advbct_meta(
       num_classes: C; defaults to max(labels) + 1.
       chunk_rows: rows per streaming chunk.
       verbose: print progress with an ETA to stderr.
+      threads: threads that process chunks at once (None: :func:`default_threads`).
 
     Returns:
       ``centers`` float32 [C, D], ``radius_max`` float32 [C] (largest kept radius) and ``num_kept``
@@ -363,13 +464,13 @@ def advbct_meta(
     labels = _check_inputs(features, labels)
     num_classes = _check_class_labels(labels, num_classes)
     counts = np.bincount(labels, minlength=num_classes)  # [C]
-    common = dict(chunk_rows=chunk_rows, verbose=verbose)
-    row_div, _ = _row_norms(features, with_col_sumsq=False, label="advbct-meta pass 1/3 (norms)", **common)
+    common = dict(chunk_rows=chunk_rows, verbose=verbose, threads=threads)
+    row_div, _, sums = _row_norms(features, with_col_sumsq=False, class_ids=labels, num_classes=num_classes,
+                                  label="advbct-meta pass 1/2 (norms, centres)", **common)
     scale = dict(row_div=row_div, col_div=None)
-    sums = _class_sums(features, labels, num_classes, label="advbct-meta pass 2/3 (centres)", **scale, **common)
     centers = sums / np.maximum(counts, 1)[:, None]  # [C, D]
     del sums
-    radii = _distances(features, labels, centers, label="advbct-meta pass 3/3 (radii)", **scale, **common)
+    radii = _distances(features, labels, centers, label="advbct-meta pass 2/2 (radii)", **scale, **common)
 
     order = np.lexsort((radii, labels))
     sorted_radii, sorted_ids = radii[order], labels[order]  # [N], grouped by class, ascending radius

@@ -206,19 +206,54 @@ def _num_classes(labels: np.ndarray) -> int:
 
 
 class SyntheticSource:
-    """The embedded synthetic identities (:class:`SyntheticFaces`)."""
+    """The embedded synthetic identities (:class:`SyntheticFaces`).
+
+    Rendering an image costs about 1 ms of CPU at 32 × 32 (more than a training step's share on a small CPU), so
+    a source of at most ``RENDER_CACHE_BYTES`` keeps every image it has rendered: from the second epoch on a read
+    is a gather. The pixels are the same either way (each image is a pure function of its index). The cache is
+    filled lazily and is not pickled (input worker processes start with an empty one).
+    """
+
+    RENDER_CACHE_BYTES = 512 << 20
 
     def __init__(self, name: str, faces: SyntheticFaces):
         self.name, self.faces = name, faces
         self.labels = faces.labels
         self.num_classes = faces.num_classes
         self.image_shape = faces.image_shape
+        self._cache: np.ndarray | None = None
+        self._rendered: np.ndarray | None = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.faces)
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_rendered", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _cache=None, _rendered=None, _lock=threading.Lock())
+
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:  # one allocation even when two threads read first at once
+            if self._cache is None:
+                n = len(self.faces)
+                self._cache = np.empty((n, *self.image_shape), np.uint8)  # pages are touched only when written
+                self._rendered = np.zeros(n, bool)
+            return self._cache, self._rendered
+
     def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
-        return self.faces.read(indices)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self.faces)
+        too_big = n * int(np.prod(self.image_shape)) > self.RENDER_CACHE_BYTES
+        if too_big or len(idx) == 0 or idx.min() < 0 or idx.max() >= n:
+            return self.faces.read(idx)  # also raises the out-of-range error
+        cache, rendered = self._buffers()
+        missing = np.unique(idx[~rendered[idx]])
+        if missing.size:
+            cache[missing] = self.faces.read(missing)
+            rendered[missing] = True  # after the pixels: a concurrent reader never sees unwritten rows
+        return cache[idx]
 
     def read_encoded(self, index: int) -> bytes | None:
         return None
