@@ -68,25 +68,33 @@ def run(out: pathlib.Path, *, steps: int, methods: tuple[str, ...], data: pathli
         return (run_dir / "checkpoints" / str(steps) / "model").exists()
 
     if not done(old_dir):
-        train.train_and_evaluate(make_config(train_source, role="old", method="none", steps=steps, arrays={}),
-                                 old_dir)
+        train.train_and_evaluate(make_config(train_source, role="old", method="none", steps=steps, arrays={}), old_dir)
     if not (emb / "features.npy").exists():
         extract.extract(old_dir, None, emb, role="new", batch_size=256)
     feats, labels = str(emb / "features.npy"), str(emb / "labels.npy")
-    for sub, out_file in (("denoise", "credible.npy"), ("class-means", "prototypes.npy"),
-                          ("advbct-meta", "advbct_meta.npz")):
+    for sub, out_file in (
+        ("denoise", "credible.npy"),
+        ("class-means", "prototypes.npy"),
+        ("advbct-meta", "advbct_meta.npz"),
+    ):
         if not (emb / out_file).exists():
             prepare.main([sub, "--features", feats, "--labels", labels, "--out", str(emb / out_file)])
-    arrays = {"features": feats, "labels": labels, "credible": str(emb / "credible.npy"),
-              "prototypes": str(emb / "prototypes.npy"), "advbct_meta": str(emb / "advbct_meta.npz")}
+    arrays = {
+        "features": feats,
+        "labels": labels,
+        "credible": str(emb / "credible.npy"),
+        "prototypes": str(emb / "prototypes.npy"),
+        "advbct_meta": str(emb / "advbct_meta.npz"),
+    }
 
     table, wall = {}, {}
     for method in methods:
         run_dir = out / f"new_{method}"
         t0 = time.time()
         if not done(run_dir):
-            config = make_config(train_source, role="new", method=method, steps=steps,
-                                 arrays=arrays if method != "none" else {})
+            config = make_config(
+                train_source, role="new", method=method, steps=steps, arrays=arrays if method != "none" else {}
+            )
             train.train_and_evaluate(config, run_dir)
         wall[method] = time.time() - t0
         report_dir = out / "reports" / method
@@ -97,22 +105,26 @@ def run(out: pathlib.Path, *, steps: int, methods: tuple[str, ...], data: pathli
     text = format_table(table, steps=steps, wall=time.time() - t_start)
     print(text)
     (out / "compat_table.md").write_text(text + "\n")
-    (out / "compat_table.json").write_text(json.dumps({"steps": steps, "table": table, "train_wall_s": wall},
-                                                      indent=2))
+    (out / "compat_table.json").write_text(json.dumps({"steps": steps, "table": table, "train_wall_s": wall}, indent=2))
     return table
 
 
 def format_table(table: dict, *, steps: int, wall: float) -> str:
     old = next(iter(table.values()))["old/old"]
-    lines = [f"Omniglot held-out classes {TRAIN_CLASSES}-{ALL_CLASSES - 1} ({ALL_CLASSES - TRAIN_CLASSES} classes), "
-             f"{steps} steps per model, total wall time {wall / 60:.1f} min", "",
-             "| new model | new/new top-1 | new/new mAP | new/old top-1 | new/old mAP | new/old > old/old (mAP) |",
-             "|---|---|---|---|---|---|",
-             f"| (old/old) | {old['top1']:.3f} | {old['mAP']:.3f} | | | |"]
+    lines = [
+        f"Omniglot held-out classes {TRAIN_CLASSES}-{ALL_CLASSES - 1} ({ALL_CLASSES - TRAIN_CLASSES} classes), "
+        f"{steps} steps per model, total wall time {wall / 60:.1f} min",
+        "",
+        "| new model | new/new top-1 | new/new mAP | new/old top-1 | new/old mAP | new/old > old/old (mAP) |",
+        "|---|---|---|---|---|---|",
+        f"| (old/old) | {old['top1']:.3f} | {old['mAP']:.3f} | | | |",
+    ]
     for method, rows in table.items():
         self_, cross = rows["new/new"], rows["new/old"]
-        lines.append(f"| {method} | {self_['top1']:.3f} | {self_['mAP']:.3f} | {cross['top1']:.3f} | "
-                     f"{cross['mAP']:.3f} | {'yes' if cross['mAP'] > old['mAP'] else 'no'} |")
+        lines.append(
+            f"| {method} | {self_['top1']:.3f} | {self_['mAP']:.3f} | {cross['top1']:.3f} | "
+            f"{cross['mAP']:.3f} | {'yes' if cross['mAP'] > old['mAP'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 

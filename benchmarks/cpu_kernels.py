@@ -116,16 +116,31 @@ def main(argv=None) -> int:
         for name in totals:
             totals[name] += sh["count"] * row[name]
         rows.append(row)
-        print(f"{c:>4}->{o:<4} {k}x{k} s{st} @{s:<3} x{sh['count']}: fwd JAX {row['jax_fwd']:8.2f} ms PyTorch "
-              f"{row['torch_fwd']:8.2f} ms ({row['ratio_fwd']:.2f}x) | bwd JAX {row['jax_bwd']:8.2f} ms PyTorch "
-              f"{row['torch_bwd']:8.2f} ms ({row['ratio_bwd']:.2f}x)", flush=True)
-    record = dict(bench="cpu_kernels", arch=args.arch, width=args.width, input_size=args.input_size,
-                  batch=args.batch, xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__,
-                  torch=torch.__version__, torch_threads=torch.get_num_threads(), load_avg=os.getloadavg()[0],
-                  totals_ms={k: round(v, 1) for k, v in totals.items()}, shapes=rows)
-    print(f"all convs of one {args.arch} step (weighted by use), batch {args.batch}: forward JAX "
-          f"{totals['jax_fwd']:.0f} ms vs PyTorch {totals['torch_fwd']:.0f} ms; backward JAX {totals['jax_bwd']:.0f} "
-          f"ms vs PyTorch {totals['torch_bwd']:.0f} ms (load {record['load_avg']:.1f})")
+        print(
+            f"{c:>4}->{o:<4} {k}x{k} s{st} @{s:<3} x{sh['count']}: fwd JAX {row['jax_fwd']:8.2f} ms PyTorch "
+            f"{row['torch_fwd']:8.2f} ms ({row['ratio_fwd']:.2f}x) | bwd JAX {row['jax_bwd']:8.2f} ms PyTorch "
+            f"{row['torch_bwd']:8.2f} ms ({row['ratio_bwd']:.2f}x)",
+            flush=True,
+        )
+    record = dict(
+        bench="cpu_kernels",
+        arch=args.arch,
+        width=args.width,
+        input_size=args.input_size,
+        batch=args.batch,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        jax=jax.__version__,
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        load_avg=os.getloadavg()[0],
+        totals_ms={k: round(v, 1) for k, v in totals.items()},
+        shapes=rows,
+    )
+    print(
+        f"all convs of one {args.arch} step (weighted by use), batch {args.batch}: forward JAX "
+        f"{totals['jax_fwd']:.0f} ms vs PyTorch {totals['torch_fwd']:.0f} ms; backward JAX {totals['jax_bwd']:.0f} "
+        f"ms vs PyTorch {totals['torch_bwd']:.0f} ms (load {record['load_avg']:.1f})"
+    )
     print(json.dumps(record))
     if args.jsonl:
         with open(args.jsonl, "a") as f:

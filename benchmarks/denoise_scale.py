@@ -101,13 +101,16 @@ def _floor_pass(features: np.ndarray, *, convert: bool, chunk_rows: int = 2048) 
 def measure(folder: str, tools: list[str]) -> dict:
     """Runs in a fresh process: memory-maps the files and times the tools."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from mixbct_jax.data import old_stats
-    from mixbct_jax.data import old_embeddings
+    from mixbct_jax.data import old_embeddings, old_stats
 
     features = np.load(os.path.join(folder, "features.npy"), mmap_mode="r")
     labels = np.load(os.path.join(folder, "labels.npy"), mmap_mode="r")
-    results: dict = {"rows": features.shape[0], "dim": features.shape[1], "load_avg": os.getloadavg()[0],
-                     "threads": old_stats.default_threads()}
+    results: dict = {
+        "rows": features.shape[0],
+        "dim": features.shape[1],
+        "load_avg": os.getloadavg()[0],
+        "threads": old_stats.default_threads(),
+    }
     # The limits, in the same run: one pass that only reads the file's bytes (memory bandwidth, page cache), and
     # one that converts every value to float64 as the tools must (denoise makes two such passes).
     results["read_pass_s"], results["read_pass_gb_s"] = _floor_pass(features, convert=False)
@@ -119,9 +122,7 @@ def measure(folder: str, tools: list[str]) -> dict:
         results["denoise_cpu_s"] = round(time.process_time() - cpu, 1)
         results["credible_fraction"] = round(float(mask.mean()), 4)
         results["denoise_peak_anon_rss_gib"] = round(anon.peak_kib / 2**20, 2)
-        results["denoise_ru_maxrss_gib"] = round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2
-        )
+        results["denoise_ru_maxrss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         if "class-means" in tools:
             start = time.perf_counter()
             old_stats.class_means(features, labels, verbose=True)

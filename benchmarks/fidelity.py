@@ -94,8 +94,10 @@ def datasets(data: pathlib.Path) -> dict[str, dict[str, str]]:
     """Training and held-out retrieval source of each data set (open classes: neither model sees the held-out)."""
     synth = "synthetic:num_classes={n},min_images=8,max_images=16,image_size=32,seed={seed}"
     return {
-        "omniglot": {"train": f"npz:{data},size=32,classes=0:194",  # 194 classes x 20 images
-                     "held_out": f"npz:{data},size=32,classes=194:242"},  # 48 classes, 960 images
+        "omniglot": {
+            "train": f"npz:{data},size=32,classes=0:194",  # 194 classes x 20 images
+            "held_out": f"npz:{data},size=32,classes=194:242",
+        },  # 48 classes, 960 images
         # Harder than the demo's 64 identities: 256 identities with 8-16 images each.
         "synthetic": {"train": synth.format(n=256, seed=0), "held_out": synth.format(n=64, seed=1)},
     }
@@ -122,46 +124,124 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
         raise ValueError(f"--scale {scale!r}: choose cpu, cpu-long, gpu or smoke")
     main = ("none", "mixbct", "l2") if side else METHODS
     olds = {
-        "omniglot_arcface": OldModel("omniglot_arcface", "omniglot",
-                                     dict(arch="r_tiny", width=old_w, embedding_size=d_full), "arcface", steps_old),
+        "omniglot_arcface": OldModel(
+            "omniglot_arcface",
+            "omniglot",
+            dict(arch="r_tiny", width=old_w, embedding_size=d_full),
+            "arcface",
+            steps_old,
+        ),
         # The weak old model: softmax head, trained for a fifth of the steps. (A low D was tried first: at D=16 the
         # ArcFace new model did not train within the CPU budget - new/new mAP 0.185 against the old model's 0.296 -
         # so the weak old model keeps D and is weak through its head and its training length.)
-        "omniglot_softmax": OldModel("omniglot_softmax_short", "omniglot",
-                                     dict(arch="r_tiny", width=old_w, embedding_size=d_full), "softmax",
-                                     steps_old // 5),
-        "synthetic_arcface": OldModel("synthetic_arcface", "synthetic",
-                                      dict(arch="r_tiny", width=old_w, embedding_size=d_full), "arcface", steps_old),
+        "omniglot_softmax": OldModel(
+            "omniglot_softmax_short",
+            "omniglot",
+            dict(arch="r_tiny", width=old_w, embedding_size=d_full),
+            "softmax",
+            steps_old // 5,
+        ),
+        "synthetic_arcface": OldModel(
+            "synthetic_arcface",
+            "synthetic",
+            dict(arch="r_tiny", width=old_w, embedding_size=d_full),
+            "arcface",
+            steps_old,
+        ),
     }
     seeds = tuple(range(batch_seeds))
     tracks = {
-        "omniglot_arcface": Track("omniglot_arcface", "omniglot_arcface",
-                                  dict(arch=arch_new, width=new_w, embedding_size=d_full), steps_new, seeds, main,
-                                  side, alphas, True),
-        "omniglot_softmax": Track("omniglot_softmax", "omniglot_softmax",
-                                  dict(arch=arch_new, width=new_w, embedding_size=d_full), steps_new, seeds, main,
-                                  side, alphas, True, none_from="omniglot_arcface", priority=0.5),
+        "omniglot_arcface": Track(
+            "omniglot_arcface",
+            "omniglot_arcface",
+            dict(arch=arch_new, width=new_w, embedding_size=d_full),
+            steps_new,
+            seeds,
+            main,
+            side,
+            alphas,
+            True,
+        ),
+        "omniglot_softmax": Track(
+            "omniglot_softmax",
+            "omniglot_softmax",
+            dict(arch=arch_new, width=new_w, embedding_size=d_full),
+            steps_new,
+            seeds,
+            main,
+            side,
+            alphas,
+            True,
+            none_from="omniglot_arcface",
+            priority=0.5,
+        ),
         # Convergence: the main rows at three times the steps, every seed, over both old models.
-        "omniglot_arcface_long": Track("omniglot_arcface_long", "omniglot_arcface",
-                                       dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
-                                       seeds, main[:3], (), (), False, priority=0.6),
-        "omniglot_softmax_long": Track("omniglot_softmax_long", "omniglot_softmax",
-                                       dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
-                                       seeds, main[:3], (), (), False, none_from="omniglot_arcface_long",
-                                       priority=0.7),
+        "omniglot_arcface_long": Track(
+            "omniglot_arcface_long",
+            "omniglot_arcface",
+            dict(arch=arch_new, width=new_w, embedding_size=d_full),
+            3 * steps_new,
+            seeds,
+            main[:3],
+            (),
+            (),
+            False,
+            priority=0.6,
+        ),
+        "omniglot_softmax_long": Track(
+            "omniglot_softmax_long",
+            "omniglot_softmax",
+            dict(arch=arch_new, width=new_w, embedding_size=d_full),
+            3 * steps_new,
+            seeds,
+            main[:3],
+            (),
+            (),
+            False,
+            none_from="omniglot_arcface_long",
+            priority=0.7,
+        ),
         # Until the unconstrained loss is flat: the main rows at six times the steps (first seed).
-        "omniglot_arcface_xlong": Track("omniglot_arcface_xlong", "omniglot_arcface",
-                                        dict(arch=arch_new, width=new_w, embedding_size=d_full), 6 * steps_new,
-                                        seeds[:1], main[:3], (), (), False, priority=1.75),
+        "omniglot_arcface_xlong": Track(
+            "omniglot_arcface_xlong",
+            "omniglot_arcface",
+            dict(arch=arch_new, width=new_w, embedding_size=d_full),
+            6 * steps_new,
+            seeds[:1],
+            main[:3],
+            (),
+            (),
+            False,
+            priority=1.75,
+        ),
         # The synthetic identities, at the convergence length: the main rows only (the second data set checks the
         # direction, not the grid).
-        "synthetic_arcface": Track("synthetic_arcface", "synthetic_arcface",
-                                   dict(arch=arch_new, width=new_w, embedding_size=d_full), 3 * steps_new,
-                                   seeds[:1] if side else seeds, main, (), (), False, priority=1.8),
+        "synthetic_arcface": Track(
+            "synthetic_arcface",
+            "synthetic_arcface",
+            dict(arch=arch_new, width=new_w, embedding_size=d_full),
+            3 * steps_new,
+            seeds[:1] if side else seeds,
+            main,
+            (),
+            (),
+            False,
+            priority=1.8,
+        ),
         # Cross-architecture: a ViT new model (2 blocks of width 64, 4x4 patches: 64 tokens at 32 px) over the
         # ArcFace IResNet old model, the case of a CNN gallery and a transformer query model (first seed).
-        "omniglot_vit": Track("omniglot_vit", "omniglot_arcface", dict(arch="vit_tiny", embedding_size=d_full),
-                              steps_new, seeds[:1], main[:3], (), (), False, priority=0.8),
+        "omniglot_vit": Track(
+            "omniglot_vit",
+            "omniglot_arcface",
+            dict(arch="vit_tiny", embedding_size=d_full),
+            steps_new,
+            seeds[:1],
+            main[:3],
+            (),
+            (),
+            False,
+            priority=0.8,
+        ),
     }
     long_tracks = ("omniglot_arcface_long", "omniglot_softmax_long", "omniglot_arcface_xlong", "synthetic_arcface")
     if scale == "cpu":
@@ -173,10 +253,12 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
 
 def runs_of(track: Track) -> list[tuple[int, Run]]:
     """(priority, run): main methods at the first seed (0), at the second (1), later seeds (1.5 and on), side methods
-    (2), knobs (3); so when time is short every track gets its second seed before any gets its third."""
+    (2), knobs (3); so when time is short every track gets its second seed before any gets its third.
+    """
     first = track.seeds[0]
-    out = [(0 if i == 0 else 0.5 + 0.5 * i, Run(track.name, m, s)) for i, s in enumerate(track.seeds)
-           for m in track.main]
+    out = [
+        (0 if i == 0 else 0.5 + 0.5 * i, Run(track.name, m, s)) for i, s in enumerate(track.seeds) for m in track.main
+    ]
     out += [(2, Run(track.name, m, first)) for m in track.side]
     out += [(3, Run(track.name, "mixbct", first, alpha=a)) for a in track.alphas]
     if track.denoise_off:
@@ -242,8 +324,11 @@ class Clock:
         rate = self.trained / max(time.time() - self.t0, 1e-9)
         workers = int(os.environ.get("FIDELITY_JOBS", "1"))  # the workers share what is left
         eta = f", study ETA {left / rate / workers / 60:.0f} min" if self.trained else ""
-        print(f"[fidelity] {name} ({steps} steps; {self.done}/{self.total} study steps done{eta}) ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"[fidelity] {name} ({steps} steps; {self.done}/{self.total} study steps done{eta}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         t = time.time()
         fn()
         self.done += steps
@@ -267,11 +352,15 @@ def _prepare_old(olds_dir: pathlib.Path, old: OldModel, ds: dict[str, str], cloc
     from mixbct_jax.data import old_stats
 
     old_dir, emb = olds_dir / old.name, olds_dir / old.name / "emb"
-    clock.stage(f"old model {old.name}", old.steps,
-                lambda: train.train_and_evaluate(
-                    base_config(ds["train"], role="old", model=old.model, head=old.head, steps=old.steps,
-                                seed=0).lock(), old_dir),
-                skip=_trained(old_dir, old.steps))
+    clock.stage(
+        f"old model {old.name}",
+        old.steps,
+        lambda: train.train_and_evaluate(
+            base_config(ds["train"], role="old", model=old.model, head=old.head, steps=old.steps, seed=0).lock(),
+            old_dir,
+        ),
+        skip=_trained(old_dir, old.steps),
+    )
     if not (emb / "labels.npy").exists():
         extract.extract(old_dir, None, emb, role="new", batch_size=256)
     feats, labels = emb / "features.npy", emb / "labels.npy"
@@ -281,14 +370,40 @@ def _prepare_old(olds_dir: pathlib.Path, old: OldModel, ds: dict[str, str], cloc
         _save_json(emb / "denoise.json", {"keep": KEEP, "rows": int(mask.size), "removed": int((~mask).sum())})
         np.save(emb / "credible.npy", mask)  # last: its presence marks the step done
     if not (emb / "prototypes.npy").exists():
-        prepare.main(["class-means", "--features", str(feats), "--labels", str(labels), "--quiet",
-                      "--out", str(emb / "prototypes.npy")])
+        prepare.main(
+            [
+                "class-means",
+                "--features",
+                str(feats),
+                "--labels",
+                str(labels),
+                "--quiet",
+                "--out",
+                str(emb / "prototypes.npy"),
+            ]
+        )
     if not (emb / "advbct_meta.npz").exists():
-        prepare.main(["advbct-meta", "--features", str(feats), "--labels", str(labels), "--quiet",
-                      "--out", str(emb / "advbct_meta.npz")])
-    return {"features": str(feats), "labels": str(labels), "credible": str(emb / "credible.npy"),
-            "credible_all": str(emb / "credible_all.npy"), "prototypes": str(emb / "prototypes.npy"),
-            "advbct_meta": str(emb / "advbct_meta.npz"), "old_dir": str(old_dir)}
+        prepare.main(
+            [
+                "advbct-meta",
+                "--features",
+                str(feats),
+                "--labels",
+                str(labels),
+                "--quiet",
+                "--out",
+                str(emb / "advbct_meta.npz"),
+            ]
+        )
+    return {
+        "features": str(feats),
+        "labels": str(labels),
+        "credible": str(emb / "credible.npy"),
+        "credible_all": str(emb / "credible_all.npy"),
+        "prototypes": str(emb / "prototypes.npy"),
+        "advbct_meta": str(emb / "advbct_meta.npz"),
+        "old_dir": str(old_dir),
+    }
 
 
 def _evaluate(run_dir: pathlib.Path, old_dir: str, held_out: str, to: pathlib.Path | None = None) -> None:
@@ -351,8 +466,15 @@ class Claim:
         self.path.unlink(missing_ok=True)
 
 
-def run_study(out: pathlib.Path, *, scale: str, track_names: str | None, only: str | None,
-              data: pathlib.Path, stop_at: float | None = None) -> None:
+def run_study(
+    out: pathlib.Path,
+    *,
+    scale: str,
+    track_names: str | None,
+    only: str | None,
+    data: pathlib.Path,
+    stop_at: float | None = None,
+) -> None:
     """One worker: walks the stages in priority order and makes every one no other live worker holds."""
     from absl import logging
 
@@ -367,9 +489,17 @@ def run_study(out: pathlib.Path, *, scale: str, track_names: str | None, only: s
     clock = Clock(total)
     dsets = datasets(data)
     out.mkdir(parents=True, exist_ok=True)
-    _save_json(out / "study.json", {"scale": scale, "batch": BATCH, "keep": KEEP, "datasets": dsets,
-                                    "olds": {k: dataclasses.asdict(v) for k, v in olds.items()},
-                                    "tracks": {k: dataclasses.asdict(v) for k, v in tracks.items()}})
+    _save_json(
+        out / "study.json",
+        {
+            "scale": scale,
+            "batch": BATCH,
+            "keep": KEEP,
+            "datasets": dsets,
+            "olds": {k: dataclasses.asdict(v) for k, v in olds.items()},
+            "tracks": {k: dataclasses.asdict(v) for k, v in tracks.items()},
+        },
+    )
     t_start = time.time()
     prepared: dict[str, dict[str, str]] = {}
     num_new: dict[str, int] = {}
@@ -421,10 +551,14 @@ def run_study(out: pathlib.Path, *, scale: str, track_names: str | None, only: s
                 shutil.copy(src / "metrics.jsonl", run_dir / "metrics.jsonl")
                 _evaluate(src, arrays["old_dir"], ds["held_out"], to=run_dir)
                 continue
-            clock.stage(f"{track.name}/{run.name}", track.steps,
-                        lambda t=track, r=run, d=ds, o=old, a=arrays, w=run_dir: train.train_and_evaluate(
-                            new_config(t, r, d["train"], num_new[o.data], a), w),
-                        skip=_trained(run_dir, track.steps))
+            clock.stage(
+                f"{track.name}/{run.name}",
+                track.steps,
+                lambda t=track, r=run, d=ds, o=old, a=arrays, w=run_dir: train.train_and_evaluate(
+                    new_config(t, r, d["train"], num_new[o.data], a), w
+                ),
+                skip=_trained(run_dir, track.steps),
+            )
             if not (run_dir / "eval.json").exists():
                 _evaluate(run_dir, arrays["old_dir"], ds["held_out"])
             last_run_s = time.time() - t_run
@@ -439,8 +573,18 @@ def run_study(out: pathlib.Path, *, scale: str, track_names: str | None, only: s
     wall = time.time() - t_start
     print(f"[fidelity] worker done in {wall / 60:.1f} min", file=sys.stderr)
     with (out / "wall.jsonl").open("a") as f:
-        f.write(json.dumps({"scale": scale, "tracks": track_names, "only": only, "wall_s": wall,
-                            "end": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "scale": scale,
+                    "tracks": track_names,
+                    "only": only,
+                    "wall_s": wall,
+                    "end": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            )
+            + "\n"
+        )
 
 
 def launch_workers(argv: list[str], jobs: int, out: pathlib.Path) -> None:
@@ -452,8 +596,13 @@ def launch_workers(argv: list[str], jobs: int, out: pathlib.Path) -> None:
     import os
     import subprocess
 
-    env = dict(os.environ, FIDELITY_JOBS=str(jobs), XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                                       " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"))
+    env = dict(
+        os.environ,
+        FIDELITY_JOBS=str(jobs),
+        XLA_FLAGS=(
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ),
+    )
     # On one GPU the workers share its memory instead of each preallocating 75% of it.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.2f}")
     out.mkdir(parents=True, exist_ok=True)
@@ -461,15 +610,20 @@ def launch_workers(argv: list[str], jobs: int, out: pathlib.Path) -> None:
     for i in range(jobs):
         log = open(out / f"worker{i}.log", "a")  # noqa: SIM115 - the worker's stdout, closed after it exits
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--jobs", "0"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, *argv, "--jobs", "0"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        )
         time.sleep(20)  # the first worker claims the first old model before the second one looks
     t0 = time.time()
     codes = [p.wait() for p in procs]
     for log in logs:
         log.close()
-    print(f"[fidelity] {jobs} workers finished in {(time.time() - t0) / 60:.1f} min, exit codes {codes}; "
-          f"logs in {out}/worker*.log")
+    print(
+        f"[fidelity] {jobs} workers finished in {(time.time() - t0) / 60:.1f} min, exit codes {codes}; "
+        f"logs in {out}/worker*.log"
+    )
     if any(codes):
         sys.exit(1)
 
@@ -479,8 +633,10 @@ def print_plan(out: pathlib.Path, *, scale: str, track_names: str | None, only: 
     for track, r in selected(tracks, track_names, only):
         old = olds[track.old]
         state = "done" if (out / track.name / r.name / "eval.json").exists() else "todo"
-        print(f"{state} {track.name}/{r.name}: old {old.name} {old.model} {old.head} {old.steps} steps -> new "
-              f"{track.new_model} {track.steps} steps")
+        print(
+            f"{state} {track.name}/{r.name}: old {old.name} {old.model} {old.head} {old.steps} steps -> new "
+            f"{track.new_model} {track.steps} steps"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -513,16 +669,26 @@ def collect(out: pathlib.Path) -> dict:
             rows = json.loads((run_dir / "eval.json").read_text())
             old_old = rows["old/old"]
             curve = _records(run_dir / "metrics.jsonl")
-            runs[run_dir.name] = {"rows": {r: rows[r] for r in ROWS},
-                                  "curve": [(r["step"], r["cls_loss"], r["loss"]) for r in curve]}
+            runs[run_dir.name] = {
+                "rows": {r: rows[r] for r in ROWS},
+                "curve": [(r["step"], r["cls_loss"], r["loss"]) for r in curve],
+            }
         if not runs:
             continue
         failed = sorted(p.stem for p in (out / name).glob("*.failed"))
         denoise = json.loads((emb / "denoise.json").read_text()) if (emb / "denoise.json").exists() else None
-        result["tracks"][name] = {"old": old, "new_model": track["new_model"], "steps": track["steps"],
-                                  "old/old": old_old, "runs": runs, "failed": failed, "denoise": denoise,
-                                  "old_curve": [(r["step"], r["cls_loss"], r["loss"])
-                                                for r in _records(out / "olds" / old["name"] / "metrics.jsonl")]}
+        result["tracks"][name] = {
+            "old": old,
+            "new_model": track["new_model"],
+            "steps": track["steps"],
+            "old/old": old_old,
+            "runs": runs,
+            "failed": failed,
+            "denoise": denoise,
+            "old_curve": [
+                (r["step"], r["cls_loss"], r["loss"]) for r in _records(out / "olds" / old["name"] / "metrics.jsonl")
+            ],
+        }
     return result
 
 
@@ -531,7 +697,7 @@ def _split(run_name: str) -> tuple[str, str, int]:
     stem, _, seed = run_name.rpartition("_s")
     for method in sorted(METHODS, key=len, reverse=True):
         if stem.startswith(method):
-            return method, stem[len(method):], int(seed)
+            return method, stem[len(method) :], int(seed)
     return stem, "", int(seed)
 
 
@@ -552,7 +718,7 @@ def _flatness(curve: list) -> float | None:
     if len(curve) < 8:
         return None
     q = len(curve) // 4
-    a = np.mean([c[1] for c in curve[-q - 2:-q + 1]])
+    a = np.mean([c[1] for c in curve[-q - 2 : -q + 1]])
     b = np.mean([c[1] for c in curve[-3:]])
     return float((a - b) / a)
 
@@ -565,10 +731,12 @@ def method_table(track: dict) -> tuple[str, dict]:
         method, knobs, _ = _split(run_name)
         if not knobs:
             by_method.setdefault(method, []).append(run)
-    lines = ["| new model | seeds | new/new top-1 | new/new mAP | new/old top-1 | new/old mAP | "
-             "compatible? (new/old mAP > old/old) | new/new mAP cost vs none | final cls loss |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| (old/old) | | {oo['top1']:.3f} | {oo['mAP']:.3f} | | | | | |"]
+    lines = [
+        "| new model | seeds | new/new top-1 | new/new mAP | new/old top-1 | new/old mAP | "
+        "compatible? (new/old mAP > old/old) | new/new mAP cost vs none | final cls loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| (old/old) | | {oo['top1']:.3f} | {oo['mAP']:.3f} | | | | | |",
+    ]
     none_map = [r["rows"]["new/new"]["mAP"] for r in by_method.get("none", [])]
     summary = {}
     for method in METHODS:
@@ -581,17 +749,27 @@ def method_table(track: dict) -> tuple[str, dict]:
         no_map = [r["rows"]["new/old"]["mAP"] for r in runs]
         wins = sum(v > oo["mAP"] for v in no_map)
         loss = [_final_loss(r["curve"]) for r in runs if r["curve"]]
-        verdict = "-" if method == "none" else (f"yes ({wins}/{len(runs)})" if wins == len(runs) else
-                                                 f"no ({wins}/{len(runs)})")
+        verdict = (
+            "-"
+            if method == "none"
+            else (f"yes ({wins}/{len(runs)})" if wins == len(runs) else f"no ({wins}/{len(runs)})")
+        )
         cost = f"{np.mean(none_map) - np.mean(nn_map):+.3f}" if none_map and method != "none" else ""
-        lines.append(f"| {method} | {len(runs)} | {_stats(nn_top1)} | {_stats(nn_map)} | {_stats(no_top1)} | "
-                     f"{_stats(no_map)} | {verdict} | {cost} | {np.mean(loss):.2f} |")
-        summary[method] = {"seeds": len(runs), "new/new mAP": float(np.mean(nn_map)),
-                           "new/old mAP": float(np.mean(no_map)), "new/new top1": float(np.mean(nn_top1)),
-                           "new/old top1": float(np.mean(no_top1)), "compatible_seeds": wins,
-                           "new/new mAP std": float(np.std(nn_map, ddof=1)) if len(runs) > 1 else None,
-                           "new/old mAP std": float(np.std(no_map, ddof=1)) if len(runs) > 1 else None,
-                           "final_cls_loss": float(np.mean(loss)) if loss else None}
+        lines.append(
+            f"| {method} | {len(runs)} | {_stats(nn_top1)} | {_stats(nn_map)} | {_stats(no_top1)} | "
+            f"{_stats(no_map)} | {verdict} | {cost} | {np.mean(loss):.2f} |"
+        )
+        summary[method] = {
+            "seeds": len(runs),
+            "new/new mAP": float(np.mean(nn_map)),
+            "new/old mAP": float(np.mean(no_map)),
+            "new/new top1": float(np.mean(nn_top1)),
+            "new/old top1": float(np.mean(no_top1)),
+            "compatible_seeds": wins,
+            "new/new mAP std": float(np.std(nn_map, ddof=1)) if len(runs) > 1 else None,
+            "new/old mAP std": float(np.std(no_map, ddof=1)) if len(runs) > 1 else None,
+            "final_cls_loss": float(np.mean(loss)) if loss else None,
+        }
     return "\n".join(lines), summary
 
 
@@ -603,17 +781,29 @@ def knob_table(track: dict) -> tuple[str, list]:
         if method != "mixbct" or seed != 0:
             continue
         alpha = float(knobs.split("_a")[1].split("_")[0]) if "_a" in knobs else 0.3
-        rows.append({"alpha": alpha, "denoise": "nodenoise" not in knobs, "run": run_name,
-                     "new/new mAP": run["rows"]["new/new"]["mAP"], "new/old mAP": run["rows"]["new/old"]["mAP"],
-                     "new/new top1": run["rows"]["new/new"]["top1"], "new/old top1": run["rows"]["new/old"]["top1"],
-                     "final cls loss": _final_loss(run["curve"]) if run["curve"] else float("nan")})
+        rows.append(
+            {
+                "alpha": alpha,
+                "denoise": "nodenoise" not in knobs,
+                "run": run_name,
+                "new/new mAP": run["rows"]["new/new"]["mAP"],
+                "new/old mAP": run["rows"]["new/old"]["mAP"],
+                "new/new top1": run["rows"]["new/new"]["top1"],
+                "new/old top1": run["rows"]["new/old"]["top1"],
+                "final cls loss": _final_loss(run["curve"]) if run["curve"] else float("nan"),
+            }
+        )
     rows.sort(key=lambda r: (not r["denoise"], r["alpha"]))
-    lines = ["| alpha | denoise | new/new top-1 | new/new mAP | new/old top-1 | new/old mAP | final cls loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| alpha | denoise | new/new top-1 | new/new mAP | new/old top-1 | new/old mAP | final cls loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['alpha']:g} | {'on' if r['denoise'] else 'off'} | {r['new/new top1']:.3f} | "
-                     f"{r['new/new mAP']:.3f} | {r['new/old top1']:.3f} | {r['new/old mAP']:.3f} | "
-                     f"{r['final cls loss']:.2f} |")
+        lines.append(
+            f"| {r['alpha']:g} | {'on' if r['denoise'] else 'off'} | {r['new/new top1']:.3f} | "
+            f"{r['new/new mAP']:.3f} | {r['new/old top1']:.3f} | {r['new/old mAP']:.3f} | "
+            f"{r['final cls loss']:.2f} |"
+        )
     return "\n".join(lines), rows
 
 
@@ -625,19 +815,30 @@ def _fig(width=6.0, height=4.5, cols=1):
 
 
 def plot_tradeoff(result: dict, path: pathlib.Path) -> None:
-    """x = new/new mAP, y = new/old mAP, one point per method and seed; old/old mAP as a horizontal line."""
+    """X = new/new mAP, y = new/old mAP, one point per method and seed; old/old mAP as a horizontal line."""
     names = list(result["tracks"])
     fig, axes = _fig(cols=len(names))
     markers = dict(zip(METHODS, "o*sDv^P<"))
     for ax, name in zip(axes, names):
         track = result["tracks"][name]
         for i, method in enumerate(METHODS):
-            pts = [(r["rows"]["new/new"]["mAP"], r["rows"]["new/old"]["mAP"]) for n, r in track["runs"].items()
-                   if _split(n)[0] == method and not _split(n)[1]]
+            pts = [
+                (r["rows"]["new/new"]["mAP"], r["rows"]["new/old"]["mAP"])
+                for n, r in track["runs"].items()
+                if _split(n)[0] == method and not _split(n)[1]
+            ]
             if pts:
                 x, y = zip(*pts)
-                ax.scatter(x, y, marker=markers[method], s=90 if method == "mixbct" else 45, color=f"C{i}",
-                           label=method, alpha=0.85, edgecolors="k" if method == "mixbct" else "none")
+                ax.scatter(
+                    x,
+                    y,
+                    marker=markers[method],
+                    s=90 if method == "mixbct" else 45,
+                    color=f"C{i}",
+                    label=method,
+                    alpha=0.85,
+                    edgecolors="k" if method == "mixbct" else "none",
+                )
         ax.axhline(track["old/old"]["mAP"], color="k", ls="--", lw=1, label="old/old")
         ax.axvline(track["old/old"]["mAP"], color="gray", ls=":", lw=1)  # a new/new left of it: worse than the old
         ax.set(xlabel="new/new mAP", ylabel="new/old mAP", title=name, ylim=(0, None))
@@ -659,8 +860,15 @@ def plot_knobs(result: dict, path: pathlib.Path) -> bool:
         for j, key in enumerate(("new/new mAP", "new/old mAP")):
             ax.plot([r["alpha"] for r in on], [r[key] for r in on], "o-", color=f"C{j}", label=f"{key}, denoise on")
             if off:
-                ax.plot([r["alpha"] for r in off], [r[key] for r in off], "x", ms=10, mew=2, color=f"C{j}",
-                        label=f"{key}, denoise off")
+                ax.plot(
+                    [r["alpha"] for r in off],
+                    [r[key] for r in off],
+                    "x",
+                    ms=10,
+                    mew=2,
+                    color=f"C{j}",
+                    label=f"{key}, denoise off",
+                )
         ax.axhline(result["tracks"][name]["old/old"]["mAP"], color="k", ls="--", lw=1, label="old/old mAP")
         ax.set(xlabel="alpha (mix ratio)", ylabel="mAP", title=f"MixBCT knobs, {name} (seed 0)")
         ax.grid(alpha=0.3)
@@ -681,8 +889,9 @@ def plot_curves(result: dict, path: pathlib.Path) -> None:
                 m, knobs, seed = _split(n)
                 if m == method and not knobs and r["curve"] and (seed == 0 or method == "none"):
                     steps, cls, _ = zip(*r["curve"])
-                    ax.plot(steps, cls, color=f"C{i}", lw=1.6 if seed == 0 else 0.7,
-                            label=method if seed == 0 else None)
+                    ax.plot(
+                        steps, cls, color=f"C{i}", lw=1.6 if seed == 0 else 0.7, label=method if seed == 0 else None
+                    )
         if track["old_curve"]:
             steps, cls, _ = zip(*track["old_curve"])
             ax.plot(steps, cls, color="gray", ls=":", label=f"old ({track['old']['head']})")
@@ -703,30 +912,49 @@ def report(out: pathlib.Path, publish: pathlib.Path | None = None) -> str:
     result = collect(out)
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    walls = [json.loads(x) for x in (out / "wall.jsonl").read_text().splitlines()] if (
-        out / "wall.jsonl").exists() else []
-    parts = [f"Study folder `{out}`, scale `{result['scale']}`, batch {result['batch']}, one CPU device per worker.",
-             ""]
+    walls = (
+        [json.loads(x) for x in (out / "wall.jsonl").read_text().splitlines()] if (out / "wall.jsonl").exists() else []
+    )
+    parts = [
+        f"Study folder `{out}`, scale `{result['scale']}`, batch {result['batch']}, one CPU device per worker.",
+        "",
+    ]
     summary = {}
     for name, track in result["tracks"].items():
         old, new = track["old"], track["new_model"]
         table, summ = method_table(track)
         none_curves = [r["curve"] for n, r in track["runs"].items() if _split(n)[0] == "none" and r["curve"]]
         flat = [f for f in (_flatness(c) for c in none_curves) if f is not None]
-        summary[name] = {"methods": summ, "old/old": track["old/old"], "denoise": track["denoise"],
-                         "none_flatness": flat, "knobs": knob_table(track)[1], "failed": track["failed"]}
-        parts += [f"### {name}", "",
-                  f"Old model: {old['model']['arch']} width {old['model']['width']} D={old['model']['embedding_size']}"
-                  f" {old['head']}, {old['steps']} steps on the old side (30% of the training classes). New model: "
-                  f"{new['arch']} width {new.get('width', '-')} D={new['embedding_size']} arcface, "
-                  f"{track['steps']} steps on all training classes, every method.", "", table, ""]
+        summary[name] = {
+            "methods": summ,
+            "old/old": track["old/old"],
+            "denoise": track["denoise"],
+            "none_flatness": flat,
+            "knobs": knob_table(track)[1],
+            "failed": track["failed"],
+        }
+        parts += [
+            f"### {name}",
+            "",
+            f"Old model: {old['model']['arch']} width {old['model']['width']} D={old['model']['embedding_size']}"
+            f" {old['head']}, {old['steps']} steps on the old side (30% of the training classes). New model: "
+            f"{new['arch']} width {new.get('width', '-')} D={new['embedding_size']} arcface, "
+            f"{track['steps']} steps on all training classes, every method.",
+            "",
+            table,
+            "",
+        ]
         if flat:
-            parts.append(f"Unconstrained model ('none'): its classification loss fell by "
-                         f"{100 * np.mean(flat):.1f}% (relative) over the last quarter of training.")
+            parts.append(
+                f"Unconstrained model ('none'): its classification loss fell by "
+                f"{100 * np.mean(flat):.1f}% (relative) over the last quarter of training."
+            )
         if track["denoise"]:
             d = track["denoise"]
-            parts.append(f"Denoising (keep={d['keep']}): {d['removed']} of {d['rows']} old-embedding rows marked "
-                         f"not credible ({100 * d['removed'] / d['rows']:.1f}%).")
+            parts.append(
+                f"Denoising (keep={d['keep']}): {d['removed']} of {d['rows']} old-embedding rows marked "
+                f"not credible ({100 * d['removed'] / d['rows']:.1f}%)."
+            )
         knobs, krows = knob_table(track)
         if len(krows) > 1:
             parts += ["", "MixBCT knobs (seed 0):", "", knobs]
@@ -736,9 +964,11 @@ def report(out: pathlib.Path, publish: pathlib.Path | None = None) -> str:
     plot_tradeoff(result, rep / "fidelity_tradeoff.png")
     plot_curves(result, rep / "fidelity_curves.png")
     has_knobs = plot_knobs(result, rep / "fidelity_knobs.png")
-    parts += ["Plots: `fidelity_tradeoff.png` (new/new vs new/old mAP per method and seed; dashed: old/old), "
-              "`fidelity_curves.png` (classification loss per step)" +
-              (", `fidelity_knobs.png` (MixBCT alpha and denoise)." if has_knobs else ".")]
+    parts += [
+        "Plots: `fidelity_tradeoff.png` (new/new vs new/old mAP per method and seed; dashed: old/old), "
+        "`fidelity_curves.png` (classification loss per step)"
+        + (", `fidelity_knobs.png` (MixBCT alpha and denoise)." if has_knobs else ".")
+    ]
     if walls:
         parts.append(f"Worker wall time (sum of invocations): {sum(w['wall_s'] for w in walls) / 60:.1f} min.")
     text = "\n".join(parts) + "\n"
@@ -757,17 +987,28 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("run", "report", "plan"))
     p.add_argument("--out", default="runs/fidelity")
-    p.add_argument("--scale", default="cpu", choices=("cpu", "cpu-long", "gpu", "smoke"),
-                   help="cpu: tiny models, 10 epochs, ~1 h on 2 cores; cpu-long: the convergence grid (30 and 60 "
-                        "epochs), ~2 h; gpu: wider/deeper, longer, 5 seeds of every method")
+    p.add_argument(
+        "--scale",
+        default="cpu",
+        choices=("cpu", "cpu-long", "gpu", "smoke"),
+        help="cpu: tiny models, 10 epochs, ~1 h on 2 cores; cpu-long: the convergence grid (30 and 60 "
+        "epochs), ~2 h; gpu: wider/deeper, longer, 5 seeds of every method",
+    )
     p.add_argument("--tracks", default=None, help="comma-separated track names (default: all of the scale)")
     p.add_argument("--only", default=None, help="fnmatch pattern on TRACK/RUN, e.g. 'omniglot_*/mixbct*'")
     p.add_argument("--data", default=str(OMNIGLOT), help="omniglot_small_28.npz")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="run: worker processes, one single-threaded XLA process each (0: work in this process)")
-    p.add_argument("--stop-at", default=None,
-                   help="run: UTC HH:MM; a worker starts no new run that its last run's wall time would carry past "
-                        "it (what is left runs on the next invocation)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="run: worker processes, one single-threaded XLA process each (0: work in this process)",
+    )
+    p.add_argument(
+        "--stop-at",
+        default=None,
+        help="run: UTC HH:MM; a worker starts no new run that its last run's wall time would carry past "
+        "it (what is left runs on the next invocation)",
+    )
     p.add_argument("--publish", default=None, help="report: also copy the small outputs to this folder")
     a = p.parse_args(argv)
     out = pathlib.Path(a.out)

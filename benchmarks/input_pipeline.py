@@ -112,13 +112,16 @@ def main() -> None:
             prefix = os.path.join(tmp, "bench")
             t0 = time.perf_counter()
             make_rec(prefix, args.images)
-            print(f"wrote {args.images} JPEGs in {time.perf_counter() - t0:.1f} s "
-                  f"({os.path.getsize(prefix + '.rec') / args.images / 1024:.1f} KiB/image)")
+            print(
+                f"wrote {args.images} JPEGs in {time.perf_counter() - t0:.1f} s "
+                f"({os.path.getsize(prefix + '.rec') / args.images / 1024:.1f} KiB/image)"
+            )
         source = sources.open_source(f"rec:{prefix}")
         cpus = len(os.sched_getaffinity(0))
         print(f"source: {len(source)} images {source.image_shape}; cpus: {cpus}; batch {args.batch}")
         encoded = [source.read_encoded(i) for i in range(min(len(source), 2048))]
         rows = []
+
         def simple(data, flip):  # the fastest flip: BGR with width and channels reversed (one run per row)
             if flip:
                 return simplejpeg.decode_jpeg(data, "BGR", fastdct=False, fastupsample=False)[:, ::-1, ::-1]
@@ -139,14 +142,19 @@ def main() -> None:
             print(rows[-1])
         kwargs = {"global_batch": args.batch, "seed": 0}
         for workers in args.workers:
-            rate, per_cpu = time_batches(lambda w=workers: pipeline.train_batches(source, None, threads=w, **kwargs),
-                                         args.batch, args.steps, args.warmup)
+            rate, per_cpu = time_batches(
+                lambda w=workers: pipeline.train_batches(source, None, threads=w, **kwargs),
+                args.batch,
+                args.steps,
+                args.warmup,
+            )
             rows.append((f"Grain train_batches, {workers} worker processes", rate, per_cpu))
             print(rows[-1])
         if args.tf_threads:
             try:
                 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
                 import legacy_tfdata_pipeline as legacy
+
                 legacy._tf()
             except ImportError as e:
                 print(f"old tf.data pipeline skipped: TensorFlow is not installed ({e}); pip install -e '.[tf]'")
@@ -154,7 +162,10 @@ def main() -> None:
                 for threads in args.tf_threads:
                     rate, per_cpu = time_batches(
                         lambda t=threads: legacy.train_batches(source, None, threads=t, **kwargs),
-                        args.batch, args.steps, args.warmup)
+                        args.batch,
+                        args.steps,
+                        args.warmup,
+                    )
                     rows.append((f"old tf.data train_batches, {threads} threads", rate, per_cpu))
                     print(rows[-1])
 

@@ -121,6 +121,7 @@ def _images(tf, ds, source: Source, local_batch: int, threads: int | None):
     probe = int(source.read_encoded(0) is not None) if len(source) else 0
 
     if probe:
+
         def read_bytes(src):  # [b] int64 -> [b] encoded bytes
             return np.array([source.read_encoded(int(i)) for i in src], dtype=object)
 
@@ -139,8 +140,13 @@ def _images(tf, ds, source: Source, local_batch: int, threads: int | None):
             # A wrong-sized image fails here, naming its source row, not later in the model.
             check = tf.debugging.Assert(
                 tf.reduce_all(tf.shape(image) == shape),
-                [f"{source.name}: the image of source row", ex["source_index"], "decodes to shape", tf.shape(image),
-                 f"but the source serves {shape}; add ',size=N' to the spec to resize"],
+                [
+                    f"{source.name}: the image of source row",
+                    ex["source_index"],
+                    "decodes to shape",
+                    tf.shape(image),
+                    f"but the source serves {shape}; add ',size=N' to the spec to resize",
+                ],
             )
             with tf.control_dependencies([check]):
                 image = tf.ensure_shape(tf.identity(image), shape)
@@ -309,8 +315,12 @@ def eval_batches(
         )
         fix = lambda t: tf.ensure_shape(t, [None])  # noqa: E731
         return {
-            "index": fix(pos), "source_index": fix(src), "reported_source_index": fix(src_out),
-            "label": fix(label), "mask": fix(mask), "flip": fix(flips),
+            "index": fix(pos),
+            "source_index": fix(src),
+            "reported_source_index": fix(src_out),
+            "label": fix(label),
+            "mask": fix(mask),
+            "flip": fix(flips),
         }
 
     def rename(ex):

@@ -37,8 +37,10 @@ def build(zips: list[str | pathlib.Path], size: int = 28) -> dict[str, np.ndarra
             if name.endswith(".png") and len(parts) >= 3:
                 files.setdefault(f"{parts[-3]}/{parts[-2]}", {})[parts[-1]] = (archive, name)
     if not files:
-        raise ValueError(f"{[str(z) for z in zips]}: no <Alphabet>/<character>/<file>.png inside; pass Omniglot's "
-                         "images_background_small{1,2}.zip")
+        raise ValueError(
+            f"{[str(z) for z in zips]}: no <Alphabet>/<character>/<file>.png inside; pass Omniglot's "
+            "images_background_small{1,2}.zip"
+        )
     class_names = sorted(files)
     images, labels = [], []
     for label, key in enumerate(class_names):

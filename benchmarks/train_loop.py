@@ -41,9 +41,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-from mixbct_jax import config as config_lib, train  # noqa: E402
 from input_pipeline import tree_cpu_seconds  # noqa: E402
+
+from mixbct_jax import config as config_lib  # noqa: E402
+from mixbct_jax import train
 
 CASES = ("quickstart-synthetic", "quickstart-rec", "r18-synthetic", "r18-rec")
 
@@ -125,12 +126,18 @@ def build_step(config):
     subset = splits.scenario(config.data.scenario, source.labels, config.data.split_ratio)[config.data.role]
     num_classes = config.model.num_classes if config.model.num_classes > 0 else subset.num_classes
     steps_per_epoch, total_steps = train.resolve_steps(config, len(subset))
-    par = step_lib.build(config, num_classes=num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                         mesh=step_lib.make_mesh(config))
+    par = step_lib.build(
+        config,
+        num_classes=num_classes,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        mesh=step_lib.make_mesh(config),
+    )
     init_key, step_key = jax.random.split(jax.random.key(config.seed))
     state = par.to_device(par.init(init_key))
-    batches = pipeline.train_batches(source, subset, global_batch=config.data.global_batch, seed=config.seed,
-                                     flip=config.data.flip, threads=0)
+    batches = pipeline.train_batches(
+        source, subset, global_batch=config.data.global_batch, seed=config.seed, flip=config.data.flip, threads=0
+    )
     host = next(batches)
     batches.close()
     batch = jax.block_until_ready(par.put_batch({k: host[k] for k in ("image", "label", "index")}))
@@ -183,7 +190,8 @@ class _CpuSampler:
 
 def run_loop(config, tmp: str, rep: int) -> tuple[float, float, float | None]:
     """(img/s, img per CPU-second, img per CPU-second after the first epoch or None) of the trainer, over the
-    steps after the first (compiling) one. After one epoch an in-memory source serves every image from memory."""
+    steps after the first (compiling) one. After one epoch an in-memory source serves every image from memory.
+    """
     workdir = tempfile.mkdtemp(prefix=f"loop{rep}_", dir=tmp)
     with _CpuSampler() as sampler:
         last = train.train_and_evaluate(config, workdir)
@@ -223,28 +231,48 @@ def run_case(case: str, args, tmp: str) -> dict:
                 wall, cpu = step(steps)
                 step_rates.append(steps * batch / wall)
                 step_cpu.append(steps * batch / max(cpu, 1e-9))
-        print(f"  {case} rep {rep}: loop {loop_rates[-1]:.1f} img/s ({loop_cpu[-1]:.1f} img/CPU-s), step "
-              f"{step_rates[-1]:.1f} img/s ({step_cpu[-1]:.1f} img/CPU-s) (load {loads[-1]:.1f})",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {case} rep {rep}: loop {loop_rates[-1]:.1f} img/s ({loop_cpu[-1]:.1f} img/CPU-s), step "
+            f"{step_rates[-1]:.1f} img/s ({step_cpu[-1]:.1f} img/CPU-s) (load {loads[-1]:.1f})",
+            file=sys.stderr,
+            flush=True,
+        )
     loop, alone = statistics.median(loop_rates), statistics.median(step_rates)
     ratios = [a / b for a, b in zip(loop_rates, step_rates)]
-    return dict(case=case, arch=config.model.arch, input_size=config.model.input_size, batch=batch, steps=steps,
-                reps=args.reps, source=config.data.source.split(":")[0], threads=config.data.threads,
-                log_every=config.log_every_steps, ckpt_every=config.checkpoint.every_steps,
-                loop_img_s=round(loop, 2), step_img_s=round(alone, 2), ratio=round(loop / alone, 3),
-                ratio_per_rep=[round(r, 3) for r in ratios], loop_img_s_all=[round(r, 2) for r in loop_rates],
-                step_img_s_all=[round(r, 2) for r in step_rates], load_avg=[round(x, 1) for x in loads],
-                loop_img_cpu_s=round(statistics.median(loop_cpu), 2),
-                step_img_cpu_s=round(statistics.median(step_cpu), 2),
-                ratio_cpu=round(statistics.median(loop_cpu) / statistics.median(step_cpu), 3),
-                ratio_cpu_after_epoch1=(round(statistics.median(loop_cpu_later) / statistics.median(step_cpu), 3)
-                                        if loop_cpu_later else None),
-                step_build_s=round(compile_s, 1), platform=jax.devices()[0].platform, jax=jax.__version__)
+    return dict(
+        case=case,
+        arch=config.model.arch,
+        input_size=config.model.input_size,
+        batch=batch,
+        steps=steps,
+        reps=args.reps,
+        source=config.data.source.split(":")[0],
+        threads=config.data.threads,
+        log_every=config.log_every_steps,
+        ckpt_every=config.checkpoint.every_steps,
+        loop_img_s=round(loop, 2),
+        step_img_s=round(alone, 2),
+        ratio=round(loop / alone, 3),
+        ratio_per_rep=[round(r, 3) for r in ratios],
+        loop_img_s_all=[round(r, 2) for r in loop_rates],
+        step_img_s_all=[round(r, 2) for r in step_rates],
+        load_avg=[round(x, 1) for x in loads],
+        loop_img_cpu_s=round(statistics.median(loop_cpu), 2),
+        step_img_cpu_s=round(statistics.median(step_cpu), 2),
+        ratio_cpu=round(statistics.median(loop_cpu) / statistics.median(step_cpu), 3),
+        ratio_cpu_after_epoch1=(
+            round(statistics.median(loop_cpu_later) / statistics.median(step_cpu), 3) if loop_cpu_later else None
+        ),
+        step_build_s=round(compile_s, 1),
+        platform=jax.devices()[0].platform,
+        jax=jax.__version__,
+    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from absl import logging
+
     logging.set_verbosity(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="train_loop_") as tmp:
         jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "jax_cache"))
@@ -257,9 +285,13 @@ def main(argv=None) -> int:
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
                     f.write(line + "\n")
-            print(f"{case}: loop {r['loop_img_s']} img/s vs step alone {r['step_img_s']} img/s = {r['ratio']:.3f} "
-                  f"(per rep {r['ratio_per_rep']}, load {r['load_avg']}); per CPU-second {r['loop_img_cpu_s']} vs "
-                  f"{r['step_img_cpu_s']} = {r['ratio_cpu']:.3f}", file=sys.stderr, flush=True)
+            print(
+                f"{case}: loop {r['loop_img_s']} img/s vs step alone {r['step_img_s']} img/s = {r['ratio']:.3f} "
+                f"(per rep {r['ratio_per_rep']}, load {r['load_avg']}); per CPU-second {r['loop_img_cpu_s']} vs "
+                f"{r['step_img_cpu_s']} = {r['ratio_cpu']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
     return 0
 
 

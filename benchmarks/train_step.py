@@ -64,14 +64,21 @@ GPU_PRESET = (
 )
 PRESET_STEPS, PRESET_WARMUP, PRESET_WINDOWS = 20, 5, 4
 
-ARCH_STAGES = {"r_tiny": (1, 1, 1, 1), "r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3),
-               "r200": (6, 26, 60, 6)}
+ARCH_STAGES = {
+    "r_tiny": (1, 1, 1, 1),
+    "r18": (2, 2, 2, 2),
+    "r34": (3, 4, 6, 3),
+    "r50": (3, 4, 14, 3),
+    "r100": (3, 13, 30, 3),
+    "r200": (6, 26, 60, 6),
+}
 WIDTHS = (64, 128, 256, 512)
 
 
 def stage_widths(width: float = 1.0) -> tuple[int, ...]:
     """The stage widths scaled as mixbct_jax's IResNet ``width`` does (r_tiny at 0.25 is the quickstart model)."""
     return tuple(max(1, int(round(c * width))) for c in WIDTHS)
+
 
 # insightface ViTs (the reference MixBCT code's backbones/vit.py): embed_dim, depth, mask_ratio; 8 heads, patch 9, MLP 4E.
 VIT_DIMS = {"vit_t": (256, 12, 0.1), "vit_s": (512, 12, 0.1), "vit_b": (512, 24, 0.1), "vit_l": (768, 24, 0.05)}
@@ -80,18 +87,26 @@ ARCFACE_S, ARCFACE_M = 64.0, 0.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arch", default="r18", choices=sorted(ARCH_STAGES) + sorted(VIT_DIMS))
-    p.add_argument("--baseline", default=None,
-                   help="a second JAX backbone timed in the same run with the same head (default: r50 for a ViT, "
-                        "none otherwise; 'none' turns it off)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="a second JAX backbone timed in the same run with the same head (default: r50 for a ViT, "
+        "none otherwise; 'none' turns it off)",
+    )
     p.add_argument("--remat", default="auto", choices=("auto", "on", "off"), help="ViTs: jax.checkpoint per block")
     p.add_argument("--batch", type=int, default=32, help="global batch (split over the JAX devices)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--width", type=float, default=1.0, help="IResNet stage-width multiplier (r_tiny 0.25 at "
-                   "--input-size 32 is the quickstart model)")
+    p.add_argument(
+        "--width",
+        type=float,
+        default=1.0,
+        help="IResNet stage-width multiplier (r_tiny 0.25 at --input-size 32 is the quickstart model)",
+    )
     p.add_argument("--embedding-size", type=int, default=512)
     p.add_argument("--num-classes", type=int, default=10000)
     p.add_argument("--method", default="none", choices=("none", "mixbct"), help="BCT method of the JAX step")
@@ -101,22 +116,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=4, help="timed windows; the median is reported")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX step")
-    p.add_argument("--interleave", default="auto", choices=("auto", "on", "off"),
-                   help="alternate JAX and PyTorch timing windows (auto: on a CPU, where other load drifts; "
-                        "off: one framework after the other, as on a GPU, where both must not hold memory at once)")
-    p.add_argument("--fake-devices", type=int, default=0,
-                   help="N > 0: fake N CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="peak dense bf16 TFLOP/s of one GPU for the MFU (989: H100 SXM)")
-    p.add_argument("--xla-flops", action="store_true",
-                   help="also report XLA's cost_analysis() FLOPs of the forward (a cross-check of the count)")
+    p.add_argument(
+        "--interleave",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="alternate JAX and PyTorch timing windows (auto: on a CPU, where other load drifts; "
+        "off: one framework after the other, as on a GPU, where both must not hold memory at once)",
+    )
+    p.add_argument(
+        "--fake-devices",
+        type=int,
+        default=0,
+        help="N > 0: fake N CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="peak dense bf16 TFLOP/s of one GPU for the MFU (989: H100 SXM)",
+    )
+    p.add_argument(
+        "--xla-flops",
+        action="store_true",
+        help="also report XLA's cost_analysis() FLOPs of the forward (a cross-check of the count)",
+    )
     p.add_argument("--tag", default="", help="a name stored in the JSON line (the preset names its runs)")
     p.add_argument("--jsonl", default=None, help="append the JSON line here (default: $OUT/bench.jsonl if OUT is set)")
-    p.add_argument("--preset-budget-s", type=float, default=420.0,
-                   help="--all-gpu: wall-clock budget of the whole preset, shared out between its runs")
-    p.add_argument("--all-gpu", action="store_true",
-                   help=f"run the GPU preset ({', '.join(n for n, _, _ in GPU_PRESET)}), one subprocess each, "
-                        f"{PRESET_WARMUP} warm-up + {PRESET_STEPS} timed steps")
+    p.add_argument(
+        "--preset-budget-s",
+        type=float,
+        default=420.0,
+        help="--all-gpu: wall-clock budget of the whole preset, shared out between its runs",
+    )
+    p.add_argument(
+        "--all-gpu",
+        action="store_true",
+        help=f"run the GPU preset ({', '.join(n for n, _, _ in GPU_PRESET)}), one subprocess each, "
+        f"{PRESET_WARMUP} warm-up + {PRESET_STEPS} timed steps",
+    )
     args = p.parse_args(argv)
     if args.steps < args.windows or args.windows < 1:
         p.error("--steps must be >= --windows >= 1")
@@ -177,8 +214,9 @@ def train_gflop_per_image(arch: str, input_size: int, embedding_size: int, width
 
 def expected_init_loss(num_classes: int, embedding_size: int) -> float:
     """ArcFace CE at init: target logit s cos(pi/2 + m) = -s sin m; the others s cos with cos ~ N(0, 1/D), whose
-    log-sum-exp over C classes is about log C + s^2 / (2 D). 43.9 for C=10000, D=512."""
-    return math.log(num_classes) + ARCFACE_S * math.sin(ARCFACE_M) + ARCFACE_S ** 2 / (2 * embedding_size)
+    log-sum-exp over C classes is about log C + s^2 / (2 D). 43.9 for C=10000, D=512.
+    """
+    return math.log(num_classes) + ARCFACE_S * math.sin(ARCFACE_M) + ARCFACE_S**2 / (2 * embedding_size)
 
 
 def cpu_description() -> str:
@@ -201,8 +239,11 @@ def _cpu_seconds() -> float:
 
 def _median_window(times: list[float], steps_per_window: int, batch: int) -> dict:
     rates = [steps_per_window * batch / t for t in times]
-    return {"img_s": statistics.median(rates), "img_s_windows": [round(r, 2) for r in rates],
-            "ms_per_step": 1e3 * statistics.median(times) / steps_per_window}
+    return {
+        "img_s": statistics.median(rates),
+        "img_s_windows": [round(r, 2) for r in rates],
+        "ms_per_step": 1e3 * statistics.median(times) / steps_per_window,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +292,8 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
     import numpy as np
     from jax.sharding import Mesh
 
-    from mixbct_jax import config as config_lib, step as step_lib
+    from mixbct_jax import config as config_lib
+    from mixbct_jax import step as step_lib
 
     arch = arch or args.arch
     devices = jax.devices()
@@ -272,8 +314,9 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
     steps_per_epoch, total_steps = 10_000, 1_000_000  # the LR schedule's shape does not matter here
 
     mesh = Mesh(np.array(devices), (step_lib.AXIS,))
-    par = step_lib.build(config, num_classes=args.num_classes, steps_per_epoch=steps_per_epoch,
-                         total_steps=total_steps, mesh=mesh)
+    par = step_lib.build(
+        config, num_classes=args.num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps, mesh=mesh
+    )
     t0 = time.perf_counter()
     if args.parallel == "shard_map":
         state = par.init(jax.random.key(0))
@@ -281,9 +324,11 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
         state = par.to_device(jax.device_get(jax.jit(par.init_fn)(jax.random.key(0))))
 
     rng = np.random.RandomState(0)
-    host = {"image": rng.randint(0, 256, (args.batch, args.input_size, args.input_size, 3)).astype(np.uint8),
-            "label": rng.randint(0, args.num_classes, args.batch).astype(np.int32),
-            "index": np.arange(args.batch, dtype=np.int32)}
+    host = {
+        "image": rng.randint(0, 256, (args.batch, args.input_size, args.input_size, 3)).astype(np.uint8),
+        "label": rng.randint(0, args.num_classes, args.batch).astype(np.int32),
+        "index": np.arange(args.batch, dtype=np.int32),
+    }
     if args.method == "mixbct":
         old = rng.normal(size=(args.batch, args.embedding_size)).astype(np.float32)
         host["old_features"] = old / np.linalg.norm(old, axis=1, keepdims=True)
@@ -302,8 +347,16 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
         box["state"], box["metrics"] = par.step(box["state"], batch, key, consts)
         return box["metrics"]["loss"]
 
-    info = dict(arch=arch, init_s=round(init_s, 2), devices=n, device_kind=devices[0].device_kind,
-                platform=devices[0].platform, version=jax.__version__, parallel=args.parallel, method=args.method)
+    info = dict(
+        arch=arch,
+        init_s=round(init_s, 2),
+        devices=n,
+        device_kind=devices[0].device_kind,
+        platform=devices[0].platform,
+        version=jax.__version__,
+        parallel=args.parallel,
+        method=args.method,
+    )
     if args.xla_flops:
         import jax.numpy as jnp
 
@@ -317,8 +370,14 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
     def close():
         box.clear()
 
-    return Runner(name, step, lambda: jax.block_until_ready((box["state"], box["metrics"])), info,
-                  lambda: box["metrics"]["loss"], close)
+    return Runner(
+        name,
+        step,
+        lambda: jax.block_until_ready((box["state"], box["metrics"])),
+        info,
+        lambda: box["metrics"]["loss"],
+        close,
+    )
 
 
 def build_torch_iresnet(torch, arch: str, input_size: int, embedding_size: int, width: float = 1.0):
@@ -336,8 +395,9 @@ def build_torch_iresnet(torch, arch: str, input_size: int, embedding_size: int, 
             self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
             self.downsample = None
             if stride != 1 or cin != planes:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False),
-                                                nn.BatchNorm2d(planes, eps=1e-5))
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes, eps=1e-5)
+                )
 
         def forward(self, x):
             out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
@@ -393,8 +453,9 @@ def setup_torch(args) -> Runner:
     threshold, sinmm = math.cos(math.pi - ARCFACE_M), math.sin(math.pi - ARCFACE_M) * ARCFACE_M
 
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch, args.input_size, args.input_size, 3), dtype=torch.uint8,
-                           generator=g).to(device)
+    images = torch.randint(
+        0, 256, (args.batch, args.input_size, args.input_size, 3), dtype=torch.uint8, generator=g
+    ).to(device)
     labels = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(device)
     box = {"loss": None}
 
@@ -429,8 +490,13 @@ def setup_torch(args) -> Runner:
         if cuda:
             torch.cuda.empty_cache()
 
-    info = dict(device=torch.cuda.get_device_name(0) if cuda else "cpu", threads=torch.get_num_threads(),
-                version=torch.__version__, channels_last=cuda, autocast_bf16=bf16)
+    info = dict(
+        device=torch.cuda.get_device_name(0) if cuda else "cpu",
+        threads=torch.get_num_threads(),
+        version=torch.__version__,
+        channels_last=cuda,
+        autocast_bf16=bf16,
+    )
     return Runner("torch", step, torch.cuda.synchronize if cuda else (lambda: None), info, lambda: box["loss"], close)
 
 
@@ -452,20 +518,39 @@ def _append(path: str | None, record: dict) -> None:
 
 
 def run_one(args) -> dict:
-    record = {"bench": "train_step", "tag": args.tag, "arch": args.arch, "batch": args.batch, "dtype": args.dtype,
-              "input_size": args.input_size, "embedding_size": args.embedding_size,
-              "num_classes": args.num_classes, "steps": args.steps, "warmup": args.warmup, "windows": args.windows,
-              "cpu": cpu_description(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-              "gflop_per_img": round(train_gflop_per_image(args.arch, args.input_size, args.embedding_size, args.width), 3),
-              "flop_count": ("analytic: 3 x 2 x forward MACs of " +
-                             ("patch conv + blocks on the kept tokens + head" if args.arch in VIT_DIMS
-                              else "convs + fc")),
-              "peak_tflops": args.peak_tflops, "baseline_arch": args.baseline, "baseline": None,
-              "baseline_gflop_per_img": (round(train_gflop_per_image(args.baseline, args.input_size,
-                                                                     args.embedding_size), 3)
-                                         if args.baseline != "none" else None),
-              "loss_init_expected": round(expected_init_loss(args.num_classes, args.embedding_size), 2),
-              "jax": None, "torch": None, "errors": {}}
+    record = {
+        "bench": "train_step",
+        "tag": args.tag,
+        "arch": args.arch,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "input_size": args.input_size,
+        "embedding_size": args.embedding_size,
+        "num_classes": args.num_classes,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "windows": args.windows,
+        "cpu": cpu_description(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor(),
+        "gflop_per_img": round(train_gflop_per_image(args.arch, args.input_size, args.embedding_size, args.width), 3),
+        "flop_count": (
+            "analytic: 3 x 2 x forward MACs of "
+            + ("patch conv + blocks on the kept tokens + head" if args.arch in VIT_DIMS else "convs + fc")
+        ),
+        "peak_tflops": args.peak_tflops,
+        "baseline_arch": args.baseline,
+        "baseline": None,
+        "baseline_gflop_per_img": (
+            round(train_gflop_per_image(args.baseline, args.input_size, args.embedding_size), 3)
+            if args.baseline != "none"
+            else None
+        ),
+        "loss_init_expected": round(expected_init_loss(args.num_classes, args.embedding_size), 2),
+        "jax": None,
+        "torch": None,
+        "errors": {},
+    }
     per_window = args.steps // args.windows
 
     def attempt(name, fn):
@@ -504,12 +589,17 @@ def run_one(args) -> dict:
 
     jx, pt, bs = record["jax"], record["torch"], record["baseline"]
     if jx:
-        record["machine"] = (f"{jx['devices']} x {jx['device_kind']} ({jx['platform']}); host {record['cpu']}, "
-                             f"{record['cpu_count']} CPUs")
+        record["machine"] = (
+            f"{jx['devices']} x {jx['device_kind']} ({jx['platform']}); host {record['cpu']}, "
+            f"{record['cpu_count']} CPUs"
+        )
     record["ratio_jax_over_torch"] = jx["img_s"] / pt["img_s"] if jx and pt else None
     flop = record["gflop_per_img"] * 1e9
-    for x, gflop in ((jx, record["gflop_per_img"]), (pt, record["gflop_per_img"]),
-                     (bs, record["baseline_gflop_per_img"])):
+    for x, gflop in (
+        (jx, record["gflop_per_img"]),
+        (pt, record["gflop_per_img"]),
+        (bs, record["baseline_gflop_per_img"]),
+    ):
         if x:  # achieved model GFLOP/s: the CPU figure (no known peak), and the MFU's numerator on a GPU
             x["model_gflop_s"] = x["img_s"] * gflop
     if bs and bs["platform"] != "cpu":
@@ -524,8 +614,12 @@ def run_one(args) -> dict:
 
 
 def human_line(r: dict) -> str:
-    parts = [(f"{r['arch']} ({r['gflop_per_img']:.1f} GFLOP/img) {r['input_size']}px {r['dtype']} "
-              f"batch {r['batch']} C={r['num_classes']}")]
+    parts = [
+        (
+            f"{r['arch']} ({r['gflop_per_img']:.1f} GFLOP/img) {r['input_size']}px {r['dtype']} "
+            f"batch {r['batch']} C={r['num_classes']}"
+        )
+    ]
     jx, pt, bs = r["jax"], r["torch"], r.get("baseline")
 
     def extra(x):  # MFU on a GPU, model GFLOP/s and images per CPU-second on a CPU
@@ -534,16 +628,22 @@ def human_line(r: dict) -> str:
         return f", {x['model_gflop_s']:.1f} model GFLOP/s, {x['img_per_cpu_s']:.2f} img/CPU-s"
 
     if jx:
-        parts.append(f"JAX {r['arch']} {jx['img_s']:.2f} img/s ({jx['ms_per_step']:.1f} ms/step{extra(jx)}; "
-                     f"{jx['devices']} x {jx['device_kind']}, {jx['parallel']}, method {jx['method']})")
+        parts.append(
+            f"JAX {r['arch']} {jx['img_s']:.2f} img/s ({jx['ms_per_step']:.1f} ms/step{extra(jx)}; "
+            f"{jx['devices']} x {jx['device_kind']}, {jx['parallel']}, method {jx['method']})"
+        )
     if bs:
-        parts.append(f"JAX {bs['arch']} ({r['baseline_gflop_per_img']:.1f} GFLOP/img) {bs['img_s']:.2f} img/s "
-                     f"({bs['ms_per_step']:.1f} ms/step{extra(bs)})")
+        parts.append(
+            f"JAX {bs['arch']} ({r['baseline_gflop_per_img']:.1f} GFLOP/img) {bs['img_s']:.2f} img/s "
+            f"({bs['ms_per_step']:.1f} ms/step{extra(bs)})"
+        )
     if r.get("ratio_over_baseline"):
         parts.append(f"{r['arch']}/{bs['arch']} img/s {r['ratio_over_baseline']:.2f} (interleaved)")
     if pt:
-        parts.append(f"PyTorch {pt['img_s']:.2f} img/s ({pt['ms_per_step']:.1f} ms/step{extra(pt)}; {pt['device']}, "
-                     f"{pt['threads']} threads)")
+        parts.append(
+            f"PyTorch {pt['img_s']:.2f} img/s ({pt['ms_per_step']:.1f} ms/step{extra(pt)}; {pt['device']}, "
+            f"{pt['threads']} threads)"
+        )
     if r["ratio_jax_over_torch"] is not None:
         parts.append(f"JAX/PyTorch {r['ratio_jax_over_torch']:.2f}" + (" (interleaved)" if r["interleaved"] else ""))
     losses = [f"{k} {v['loss_init']:.2f}" for k, v in (("JAX", jx), ("JAX baseline", bs), ("PyTorch", pt)) if v]
@@ -565,15 +665,35 @@ def run_preset(args) -> int:
     total_share = sum(share for _, _, share in GPU_PRESET)
     reserved = [args.preset_budget_s * share / total_share for _, _, share in GPU_PRESET]
     for i, (name, extra, _) in enumerate(GPU_PRESET):
-        cap = max(10.0, args.preset_budget_s - (time.perf_counter() - t_start) - sum(reserved[i + 1:]))
-        cmd = [sys.executable, os.path.abspath(__file__), "--steps", str(PRESET_STEPS), "--warmup",
-               str(PRESET_WARMUP), "--windows", str(PRESET_WINDOWS), "--peak-tflops", str(args.peak_tflops),
-               "--num-classes", str(args.num_classes), "--input-size", str(args.input_size),
-               "--embedding-size", str(args.embedding_size), "--jsonl", path or os.devnull, "--tag", name, *extra]
+        cap = max(10.0, args.preset_budget_s - (time.perf_counter() - t_start) - sum(reserved[i + 1 :]))
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--steps",
+            str(PRESET_STEPS),
+            "--warmup",
+            str(PRESET_WARMUP),
+            "--windows",
+            str(PRESET_WINDOWS),
+            "--peak-tflops",
+            str(args.peak_tflops),
+            "--num-classes",
+            str(args.num_classes),
+            "--input-size",
+            str(args.input_size),
+            "--embedding-size",
+            str(args.embedding_size),
+            "--jsonl",
+            path or os.devnull,
+            "--tag",
+            name,
+            *extra,
+        ]
         print(f"=== {name}: {' '.join(cmd[2:])} (cap {cap:.0f} s)", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+        )
         timer = threading.Timer(cap, proc.kill)
         timer.start()
         tail, got_record = [], False
@@ -590,13 +710,23 @@ def run_preset(args) -> int:
             continue
         failures += 1
         if not got_record:  # the run wrote nothing itself: record why
-            record = {"bench": "train_step", "preset_run": name, "args": extra, "rc": rc, "wall_s": round(wall, 1),
-                      "error": f"killed after its {cap:.0f} s cap" if killed else "crashed", "tail": tail}
+            record = {
+                "bench": "train_step",
+                "preset_run": name,
+                "args": extra,
+                "rc": rc,
+                "wall_s": round(wall, 1),
+                "error": f"killed after its {cap:.0f} s cap" if killed else "crashed",
+                "tail": tail,
+            }
             _append(path, record)
             print(json.dumps(record), flush=True)
         print(f"=== {name} FAILED (rc {rc}) after {wall:.0f} s", flush=True)
-    print(f"=== preset done in {time.perf_counter() - t_start:.0f} s, {failures} failed; JSON lines in "
-          f"{path or '(stdout only; set OUT or --jsonl)'}", flush=True)
+    print(
+        f"=== preset done in {time.perf_counter() - t_start:.0f} s, {failures} failed; JSON lines in "
+        f"{path or '(stdout only; set OUT or --jsonl)'}",
+        flush=True,
+    )
     return 1 if failures else 0
 
 
@@ -605,8 +735,9 @@ def main(argv=None) -> int:
     if args.all_gpu:
         return run_preset(args)
     if args.fake_devices > 0:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.fake_devices}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.fake_devices}"
+        ).strip()
     if not args.no_torch:
         # Two frameworks on one GPU: JAX must not take 75% of the memory up front.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

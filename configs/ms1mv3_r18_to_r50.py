@@ -52,8 +52,9 @@ _OLD_SPLIT = {"opclass": "class30", "opdata": "data30", "exclass": "class30", "e
 def get_config(arg=None):
     args = config_lib.parse_arg(arg, scenario="opclass", old="arc", dim=512, method="mixbct", new_arch="r50")
     if args.scenario not in _OLD_SPLIT or args.old not in ("arc", "softmax"):
-        raise ValueError(f"ms1mv3_r18_to_r50: scenario must be one of {sorted(_OLD_SPLIT)} and old arc|softmax, "
-                         f"got {arg!r}")
+        raise ValueError(
+            f"ms1mv3_r18_to_r50: scenario must be one of {sorted(_OLD_SPLIT)} and old arc|softmax, got {arg!r}"
+        )
     c = config_lib.default_config()
     c.model.arch = args.new_arch
     c.model.embedding_size = args.dim

@@ -33,8 +33,9 @@ def get_config(arg=None):
         else:
             passed.append(item)
     if not own["arch"].startswith("vit"):
-        raise ValueError(f"quickstart_vit: arch={own['arch']!r} is not a ViT; use configs/quickstart.py for the "
-                         f"other backbones")
+        raise ValueError(
+            f"quickstart_vit: arch={own['arch']!r} is not a ViT; use configs/quickstart.py for the other backbones"
+        )
     c = config_lib.load(_QUICKSTART, ",".join(passed))
     with c.unlocked():
         c.model.arch = own["arch"]

@@ -31,6 +31,7 @@ from absl import logging as absl_logging
 
 from mixbct_jax.aliases import PyTree
 from mixbct_jax.files import write_text_atomic
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -69,8 +70,9 @@ def model_variables(state_params: PyTree, batch_stats: PyTree) -> dict[str, PyTr
     return {"params": state_params, "batch_stats": batch_stats}
 
 
-def save(mngr: ocp.CheckpointManager, step: int, *, state: PyTree, model: PyTree,
-         data: dict[str, Any] | None = None) -> None:
+def save(
+    mngr: ocp.CheckpointManager, step: int, *, state: PyTree, model: PyTree, data: dict[str, Any] | None = None
+) -> None:
     """Saves the items at ``step`` (asynchronously when the manager is); ``data`` is the input iterator's state."""
     items = {"state": ocp.args.StandardSave(state), "model": ocp.args.StandardSave(model)}
     if data is not None:
@@ -93,8 +95,9 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:200]}"
 
 
-def restore_state(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None,
-                  log=print) -> tuple[int, PyTree] | None:
+def restore_state(
+    mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None, log=print
+) -> tuple[int, PyTree] | None:
     """Restores the newest readable train state into the shardings of ``abstract_state``; None if none saved.
 
     A damaged newest checkpoint (a full disk, a torn copy, a node lost mid-write) does not stop the run: the steps
@@ -123,13 +126,17 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: PyTree, step: int
         if failures:
             _set_aside(mngr, [s for s, _ in failures], log)
             for bad, why in failures:
-                log(f"checkpoint step {bad} is unreadable ({why}); moved to {BAD_DIR}/{bad}, resuming from step "
-                    f"{candidate}")
+                log(
+                    f"checkpoint step {bad} is unreadable ({why}); moved to {BAD_DIR}/{bad}, resuming from step "
+                    f"{candidate}"
+                )
         return candidate, restored["state"]
     newest, why = failures[0]
-    raise ValueError(f"no checkpoint in {mngr.directory} can be restored into this run's state (steps "
-                     f"{', '.join(str(s) for s, _ in failures)}; step {newest}: {why}); if the config changed, use a "
-                     f"new --workdir, otherwise move {mngr.directory} aside to start over.")
+    raise ValueError(
+        f"no checkpoint in {mngr.directory} can be restored into this run's state (steps "
+        f"{', '.join(str(s) for s, _ in failures)}; step {newest}: {why}); if the config changed, use a "
+        f"new --workdir, otherwise move {mngr.directory} aside to start over."
+    )
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], log) -> None:
@@ -145,12 +152,14 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], log) -> None:
             os.replace(directory / str(bad), target)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices("mixbct_checkpoint_set_aside")
     mngr.reload()
 
 
-def save_model_only(workdir: str | os.PathLike, config: ml_collections.ConfigDict, variables: PyTree,
-                    step: int = 0) -> None:
+def save_model_only(
+    workdir: str | os.PathLike, config: ml_collections.ConfigDict, variables: PyTree, step: int = 0
+) -> None:
     """Writes a run directory holding just a model (``config.json`` + the ``model`` item), e.g. a converted one."""
     write_config(workdir, config)
     mngr = manager(workdir, keep=1, asynchronous=False)
@@ -180,30 +189,38 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
     # Process-local: in a multi-process run any subset of the processes may load (evaluation runs on process 0
     # only), so the manager must not wait at barriers for the others.
-    local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                               active_processes={jax.process_index()})
-    handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
-                                           multiprocessing_options=local)
+    local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    handlers = {
+        "state": ocp.StandardCheckpointHandler(),
+        "model": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+    }
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, multiprocessing_options=local
+    )
     with _quiet_absl():  # Orbax warns that a read-only manager is read-only
         mngr = ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{directory} holds no checkpoint yet: train the run first (python -m mixbct_jax.train "
-                                f"--workdir {workdir} ...) or convert a model into it.")
+        raise FileNotFoundError(
+            f"{directory} holds no checkpoint yet: train the run first (python -m mixbct_jax.train "
+            f"--workdir {workdir} ...) or convert a model into it."
+        )
     # Restore onto one local device whatever the saving topology was: without a target Orbax rebuilds the saved
     # shardings, which fails when the devices differ (another device count, or a multi-process run's devices).
     device = jax.local_devices()[0]
     try:
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-            mngr.item_metadata(step)["model"])
+            mngr.item_metadata(step)["model"],
+        )
         restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
     except Exception as err:  # noqa: BLE001 (Orbax/TensorStore raise many types for a damaged item)
         others = [s for s in mngr.all_steps() if s != step]
-        raise ValueError(f"{directory}/{step} cannot be read ({_reason(err)}); load another saved step "
-                         f"({others or 'none'}, --step where the command has it) or retrain") from None
+        raise ValueError(
+            f"{directory}/{step} cannot be read ({_reason(err)}); load another saved step "
+            f"({others or 'none'}, --step where the command has it) or retrain"
+        ) from None
     finally:
         mngr.close()
     variables = jax.tree.map(np.asarray, restored["model"])

@@ -22,8 +22,14 @@ class UserError(Exception):
 
 # ValueError is how the package reports a bad value throughout; OSError covers missing files, directories where
 # a file is expected, permissions and a full disk; the pickle/EOF errors come from damaged .bin files.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, KeyError, pickle.UnpicklingError,
-                                                EOFError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    ValueError,
+    OSError,
+    KeyError,
+    pickle.UnpicklingError,
+    EOFError,
+)
 
 
 def one_line(err: BaseException) -> str:
@@ -41,7 +47,8 @@ def user_error_type(err: BaseException) -> bool:
 
 def snake_case_flags(argv: Sequence[str]) -> list[str]:
     """``--batch-size 8`` -> ``--batch_size 8``: every command line takes snake_case flags (the style of
-    ``--config.data.global_batch``); the hyphenated spelling of earlier releases keeps working."""
+    ``--config.data.global_batch``); the hyphenated spelling of earlier releases keeps working.
+    """
     out = []
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2 and not arg.startswith("--config."):
@@ -78,7 +85,8 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
 
 def parse_absl_flags(prog: str, argv: Sequence[str]) -> None:
     """Parses ``argv`` into absl's ``FLAGS``; a bad value or an override of a config field that does not exist is
-    one ``UserError`` line (absl's ``app.run`` would print a multi-line report)."""
+    one ``UserError`` line (absl's ``app.run`` would print a multi-line report).
+    """
     import re
 
     from absl import flags
@@ -90,8 +98,13 @@ def parse_absl_flags(prog: str, argv: Sequence[str]) -> None:
         raise UserError(lines[-1] if len(lines) > 1 else str(e)) from None
     except AttributeError as e:  # ml_collections: an override of a field that does not exist
         key = (re.findall(r"\w+", str(e)) or ["?"])[0]
-        flag = next((x.split("=", 1)[0] for x in argv if x.startswith("--config.") and
-                     x.split("=", 1)[0].endswith(f".{key}")), f"--config...{key}")
+        flag = next(
+            (x.split("=", 1)[0] for x in argv if x.startswith("--config.") and x.split("=", 1)[0].endswith(f".{key}")),
+            f"--config...{key}",
+        )
         hint = re.search(r'Did you mean "[^"]+"', str(e))
-        raise UserError(f"{flag}: {key!r} is not a config field" + (f"; {hint.group(0)}?" if hint else "") +
-                        " (the fields are listed in mixbct_jax/config.py)") from None
+        raise UserError(
+            f"{flag}: {key!r} is not a config field"
+            + (f"; {hint.group(0)}?" if hint else "")
+            + " (the fields are listed in mixbct_jax/config.py)"
+        ) from None

@@ -8,9 +8,9 @@ once by the trainer and never written back.
 from __future__ import annotations
 
 import importlib.util
-import re
 import os
 import pathlib
+import re
 
 import ml_collections
 
@@ -142,8 +142,10 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
         shipped = configs_dir() / (path.name if path.suffix == ".py" else f"{path.name}.py")
         if shipped.is_file():
             return shipped
-    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; use a path to a "
-                            f"configs/<name>.py file or one of the names {shipped_configs()}")
+    raise FileNotFoundError(
+        f"config {str(name_or_path)!r} is neither a file nor a shipped config; use a path to a "
+        f"configs/<name>.py file or one of the names {shipped_configs()}"
+    )
 
 
 def resolve_argv(argv: list[str], flag: str = "config") -> list[str]:
@@ -166,8 +168,9 @@ def resolve_argv(argv: list[str], flag: str = "config") -> list[str]:
     return out
 
 
-def load(path: str | os.PathLike, arg: str | None = None,
-         overrides: dict[str, object] | None = None) -> ml_collections.ConfigDict:
+def load(
+    path: str | os.PathLike, arg: str | None = None, overrides: dict[str, object] | None = None
+) -> ml_collections.ConfigDict:
     """Loads ``get_config(arg)`` from a config file and applies dotted ``overrides`` (``{"optim.lr": 0.05}``).
 
     What ``--config path:arg --config.optim.lr=0.05`` does on the command line, for notebooks, tests and the demo.
@@ -277,13 +280,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         fail("model.arch", f"choose one of {sorted(models.ARCHS)}")
     if config.bct.method not in bct.METHODS:
         fail("bct.method", f"choose one of {bct.METHODS}")
-    for field, low, high, low_in, high_in in _RANGES + tuple((f"bct.{f.name}", *f.interval) for f in fields
-                                                              if f.interval is not None):
+    for field, low, high, low_in, high_in in _RANGES + tuple(
+        (f"bct.{f.name}", *f.interval) for f in fields if f.interval is not None
+    ):
         value = _get(config, field)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             fail(field, "must be a finite number")
-        if (value < low or (value == low and not low_in)
-                or (high is not None and (value > high or (value == high and not high_in)))):
+        if (
+            value < low
+            or (value == low and not low_in)
+            or (high is not None and (value > high or (value == high and not high_in)))
+        ):
             fail(field, f"must be {_interval(low, high, low_in, high_in)}")
     for field in ("seed", "total_steps", "num_devices", "model.num_classes"):
         if isinstance(_get(config, field), bool) or not isinstance(_get(config, field), int):
@@ -315,7 +322,8 @@ _FIELD_LINE = re.compile(r"^\s*c\.([\w.]+)\s*=\s*(.*?)\s*#\s*(.*)$")
 
 def field_docs() -> dict[str, str]:
     """One line of meaning per field, read from the comments of :func:`default_config` (the single place they
-    are written) and, for a method's fields, from its module (``bct.api.Field``)."""
+    are written) and, for a method's fields, from its module (``bct.api.Field``).
+    """
     import inspect
 
     from mixbct_jax import bct
@@ -356,9 +364,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mixbct_jax.config",
         description="Show a config: its file's documentation (the command, its arguments, the data and hardware) "
-                    f"and every field with its value and meaning. Shipped configs: {', '.join(shipped_configs())}.")
-    parser.add_argument("--show", metavar="CONFIG[:ARG]", required=True,
-                        help="a shipped config's name or a configs/<name>.py path, with its argument after ':'")
+        f"and every field with its value and meaning. Shipped configs: {', '.join(shipped_configs())}.",
+    )
+    parser.add_argument(
+        "--show",
+        metavar="CONFIG[:ARG]",
+        required=True,
+        help="a shipped config's name or a configs/<name>.py path, with its argument after ':'",
+    )
     args = parser.parse_args(argv)
     name, _, arg = args.show.partition(":")
     try:

@@ -98,6 +98,7 @@ class Leaf:
 # Kinds: conv, bn, bn_frozen_scale, prelu, linear, linear_chw.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _iresnet_modules(model: nn.Module) -> Iterator[tuple[str, tuple[str, ...], str]]:
     yield "conv1", ("stem_conv",), "conv"
     yield "bn1", ("stem_bn",), "bn"
@@ -142,8 +143,9 @@ def _mbf_modules(model: nn.Module) -> Iterator[tuple[str, tuple[str, ...], str]]
         for i in range(blocks[0]):
             yield from _mbf_depthwise(f"layers.1.layers.{i}", (f"conv2_{i}",))
     # layers.2..7 alternate a strided DepthWise and a Residual (a Sequential of residual DepthWise blocks).
-    for idx, (down, stage, n) in enumerate((("conv23", "conv3", blocks[1]), ("conv34", "conv4", blocks[2]),
-                                            ("conv45", "conv5", blocks[3]))):
+    for idx, (down, stage, n) in enumerate(
+        (("conv23", "conv3", blocks[1]), ("conv34", "conv4", blocks[2]), ("conv45", "conv5", blocks[3]))
+    ):
         yield from _mbf_depthwise(f"layers.{2 + 2 * idx}", (down,))
         for i in range(n):
             yield from _mbf_depthwise(f"layers.{3 + 2 * idx}.layers.{i}", (f"{stage}_{i}",))
@@ -155,7 +157,7 @@ def _mbf_modules(model: nn.Module) -> Iterator[tuple[str, tuple[str, ...], str]]
 
 
 def _vit_modules(model: nn.Module) -> Iterator[tuple[str, tuple[str, ...], str]]:
-    """insightface ``backbones/vit.py``: the model's own parameters first (PyTorch lists them before submodules)."""
+    """Insightface ``backbones/vit.py``: the model's own parameters first (PyTorch lists them before submodules)."""
     yield "pos_embed", ("pos_embed",), "param"
     yield "mask_token", ("mask_token",), "param"
     yield "patch_embed.proj", ("patch_embed",), "conv"
@@ -186,13 +188,14 @@ def _modules(arch: str, model: nn.Module) -> Iterator[tuple[str, tuple[str, ...]
 # The leaf map
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _build(arch: str, embedding_size: int, input_size: int, width: float, patch_size: int = 0) -> nn.Module:
-    return models.build(arch, embedding_size=embedding_size, input_size=input_size, width=width,
-                        patch_size=patch_size)
+    return models.build(arch, embedding_size=embedding_size, input_size=input_size, width=width, patch_size=patch_size)
 
 
-def abstract_variables(arch: str, embedding_size: int, input_size: int = 112, width: float = 1.0,
-                       patch_size: int = 0) -> Variables:
+def abstract_variables(
+    arch: str, embedding_size: int, input_size: int = 112, width: float = 1.0, patch_size: int = 0
+) -> Variables:
     """The Flax variable tree of ``arch`` as ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
     model = _build(arch, embedding_size, input_size, width, patch_size)
     x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
@@ -200,8 +203,9 @@ def abstract_variables(arch: str, embedding_size: int, input_size: int = 112, wi
 
 
 @functools.lru_cache(maxsize=16)
-def leaf_map(arch: str, embedding_size: int, input_size: int = 112, width: float = 1.0,
-             patch_size: int = 0) -> tuple[Leaf, ...]:
+def leaf_map(
+    arch: str, embedding_size: int, input_size: int = 112, width: float = 1.0, patch_size: int = 0
+) -> tuple[Leaf, ...]:
     """Every PyTorch state-dict entry of ``arch`` in PyTorch's order, with its Flax path and layout.
 
     ``patch_size`` is the ViTs' patch side (0: the variant's own); the other backbones require 0.
@@ -210,8 +214,12 @@ def leaf_map(arch: str, embedding_size: int, input_size: int = 112, width: float
       RuntimeError: when the map and the Flax model disagree (a model was changed without this module).
     """
     model = _build(arch, embedding_size, input_size, width, patch_size)
-    flat = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_variables(arch, embedding_size, input_size,
-                                                                                  width, patch_size)).items()}
+    flat = {
+        k: v.shape
+        for k, v in traverse_util.flatten_dict(
+            abstract_variables(arch, embedding_size, input_size, width, patch_size)
+        ).items()
+    }
     modules = _modules(arch, model)
     leaves: list[Leaf] = []
     for t, f, kind in modules:
@@ -255,9 +263,11 @@ def leaf_map(arch: str, embedding_size: int, input_size: int = 112, width: float
             raise RuntimeError(f"unknown module kind {kind!r}")
     mapped = {leaf.flax_path for leaf in leaves if leaf.flax_path is not None}
     if mapped != set(flat):
-        raise RuntimeError(f"convert.leaf_map({arch!r}) is out of date with the Flax model: unmapped "
-                           f"{sorted(map('/'.join, set(flat) - mapped))[:5]}, unknown "
-                           f"{sorted(map('/'.join, mapped - set(flat)))[:5]}")
+        raise RuntimeError(
+            f"convert.leaf_map({arch!r}) is out of date with the Flax model: unmapped "
+            f"{sorted(map('/'.join, set(flat) - mapped))[:5]}, unknown "
+            f"{sorted(map('/'.join, mapped - set(flat)))[:5]}"
+        )
     return tuple(leaves)
 
 
@@ -289,6 +299,7 @@ def _to_torch(leaf: Leaf, x: np.ndarray) -> np.ndarray:
 # PyTorch -> Flax
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def split_backbone_keys(state_dict: Mapping[str, np.ndarray]) -> tuple[StateDict, list[str]]:
     """Strips a DDP ``module.`` prefix and separates the backbone from keys that belong to something else.
 
@@ -300,7 +311,7 @@ def split_backbone_keys(state_dict: Mapping[str, np.ndarray]) -> tuple[StateDict
     backbone: StateDict = {}
     skipped: list[str] = []
     for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module.") :] if key.startswith("module.") else key
         if _NON_BACKBONE.match(key) or key.endswith("." + _COUNTER):
             skipped.append(key)
         else:
@@ -339,8 +350,10 @@ def infer_embedding_size(state_dict: Mapping[str, np.ndarray], arch: str) -> int
             return int(np.shape(state_dict[key])[axis])
     guess = guess_arch(state_dict)
     hint = f"its keys look like {guess}: pass --arch {guess}" if guess and guess != arch else "check --arch"
-    raise ValueError(f"cannot infer the embedding size of the {arch} checkpoint: it has no {_embedding_key(arch)!r} "
-                     f"key; {hint}, or pass --embedding_size.")
+    raise ValueError(
+        f"cannot infer the embedding size of the {arch} checkpoint: it has no {_embedding_key(arch)!r} "
+        f"key; {hint}, or pass --embedding_size."
+    )
 
 
 def guess_arch(keys: set[str] | Mapping[str, Any]) -> str | None:
@@ -375,11 +388,20 @@ def _first(keys: list[str], n: int = 10) -> str:
     return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
 
 
-def _check_keys(backbone: Mapping[str, np.ndarray], leaves: tuple[Leaf, ...], arch: str, embedding_size: int,
-                input_size: int, source: str, patch_size: int = 0) -> None:
+def _check_keys(
+    backbone: Mapping[str, np.ndarray],
+    leaves: tuple[Leaf, ...],
+    arch: str,
+    embedding_size: int,
+    input_size: int,
+    source: str,
+    patch_size: int = 0,
+) -> None:
     """Raises a ValueError naming the first mismatching key and both shapes, the missing and unexpected keys."""
     desc = f"{arch} (embedding_size={embedding_size}, input_size={input_size}"
-    desc += f", patch_size={patch_size or models.vit.DEFAULT_PATCH.get(arch, 9)})" if arch in models.vit.VARIANTS else ")"
+    desc += (
+        f", patch_size={patch_size or models.vit.DEFAULT_PATCH.get(arch, 9)})" if arch in models.vit.VARIANTS else ")"
+    )
     wanted = [leaf for leaf in leaves if leaf.layout != "counter"]
     first = None
     for leaf in wanted:
@@ -416,9 +438,16 @@ def _check_keys(backbone: Mapping[str, np.ndarray], leaves: tuple[Leaf, ...], ar
     raise ValueError(" ".join(lines))
 
 
-def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, embedding_size: int | None = None,
-                  input_size: int = 112, width: float = 1.0, *, source: str = "the state dict",
-                  patch_size: int = 0) -> Variables:
+def torch_to_flax(
+    state_dict: Mapping[str, np.ndarray],
+    arch: str,
+    embedding_size: int | None = None,
+    input_size: int = 112,
+    width: float = 1.0,
+    *,
+    source: str = "the state dict",
+    patch_size: int = 0,
+) -> Variables:
     """Converts an insightface PyTorch backbone state dict into Flax ``{'params', 'batch_stats'}``.
 
     Args:
@@ -455,9 +484,11 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, embedding_siz
         if leaf.layout == "ones":
             # The Flax head BatchNorm1d has no scale because the reference freezes it at 1 (the reference MixBCT code's backbones/iresnet.py).
             if not np.allclose(x, 1.0, rtol=0, atol=1e-6):
-                raise ValueError(f"{source}: {leaf.torch_key} must be all ones (the frozen gamma of the head "
-                                 f"BatchNorm1d, the reference MixBCT code's backbones/iresnet.py) but ranges over [{x.min():.6g}, {x.max():.6g}]; this "
-                                 f"model trained its gamma and {arch} in mixbct-jax cannot represent it.")
+                raise ValueError(
+                    f"{source}: {leaf.torch_key} must be all ones (the frozen gamma of the head "
+                    f"BatchNorm1d, the reference MixBCT code's backbones/iresnet.py) but ranges over [{x.min():.6g}, {x.max():.6g}]; this "
+                    f"model trained its gamma and {arch} in mixbct-jax cannot represent it."
+                )
             continue
         flat[leaf.flax_path] = np.ascontiguousarray(_to_flax(leaf, x))
     return traverse_util.unflatten_dict(flat)
@@ -467,8 +498,15 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, embedding_siz
 # Flax -> PyTorch
 # ---------------------------------------------------------------------------------------------------------------
 
-def flax_to_torch(variables: Mapping[str, Any], arch: str, embedding_size: int | None = None,
-                  input_size: int = 112, width: float = 1.0, patch_size: int = 0) -> StateDict:
+
+def flax_to_torch(
+    variables: Mapping[str, Any],
+    arch: str,
+    embedding_size: int | None = None,
+    input_size: int = 112,
+    width: float = 1.0,
+    patch_size: int = 0,
+) -> StateDict:
     """Converts Flax ``{'params', 'batch_stats'}`` of ``arch`` into an insightface PyTorch state dict.
 
     The result is in PyTorch's key order and loads with ``strict=True`` into the reference's
@@ -507,12 +545,15 @@ def flax_to_torch(variables: Mapping[str, Any], arch: str, embedding_size: int |
             raise ValueError(f"the variables do not hold a {desc} backbone: {'/'.join(leaf.flax_path)} is missing")
         want = _to_flax(leaf, np.empty(leaf.torch_shape, np.float32)).shape
         if tuple(np.shape(flat[leaf.flax_path])) != want:
-            raise ValueError(f"the variables do not hold a {desc} backbone: {'/'.join(leaf.flax_path)} has shape "
-                             f"{tuple(np.shape(flat[leaf.flax_path]))}, {desc} expects {want}")
+            raise ValueError(
+                f"the variables do not hold a {desc} backbone: {'/'.join(leaf.flax_path)} has shape "
+                f"{tuple(np.shape(flat[leaf.flax_path]))}, {desc} expects {want}"
+            )
     extra = set(flat) - {leaf.flax_path for leaf in leaves}
     if extra:
-        raise ValueError(f"the variables hold entries a {desc} backbone does not have: "
-                         f"{sorted(map('/'.join, extra))[:10]}")
+        raise ValueError(
+            f"the variables hold entries a {desc} backbone does not have: {sorted(map('/'.join, extra))[:10]}"
+        )
     out: StateDict = {}
     for leaf in leaves:
         if leaf.layout == "counter":
@@ -529,6 +570,7 @@ def flax_to_torch(variables: Mapping[str, Any], arch: str, embedding_size: int |
 # Files
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def load_torch_state_dict(path: str | os.PathLike) -> StateDict:
     """Reads a PyTorch state dict (plain, or under 'state_dict_backbone'/'state_dict'/'model') as NumPy arrays.
 
@@ -543,13 +585,17 @@ def load_torch_state_dict(path: str | os.PathLike) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... depending on the damage
-        raise ValueError(f"--torch {path} is not a loadable PyTorch state dict ({type(e).__name__}: {e}). Save "
-                         f"it with torch.save(model.state_dict(), path); pickled nn.Module objects are refused.") from e
+        raise ValueError(
+            f"--torch {path} is not a loadable PyTorch state dict ({type(e).__name__}: {e}). Save "
+            f"it with torch.save(model.state_dict(), path); pickled nn.Module objects are refused."
+        ) from e
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
-            raise ValueError(f"--torch {path} holds a dict with non-tensor entries and none of the keys "
-                             f"{list(_WRAPPER_KEYS)} (its keys: {list(obj)[:10]}); save the backbone's state_dict().")
+            raise ValueError(
+                f"--torch {path} holds a dict with non-tensor entries and none of the keys "
+                f"{list(_WRAPPER_KEYS)} (its keys: {list(obj)[:10]}); save the backbone's state_dict()."
+            )
         obj = inner
     if not isinstance(obj, Mapping):
         raise ValueError(f"--torch {path} holds a {type(obj).__name__}, not a state dict (a dict of tensors).")
@@ -571,24 +617,38 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.P
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A writable C-order copy: torch.from_numpy warns about read-only arrays (e.g. ones loaded from a checkpoint).
-    tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v, order="C", copy=True)))
-                                      for k, v in state_dict.items())
+    tensors = collections.OrderedDict(
+        (k, torch.from_numpy(np.array(v, order="C", copy=True))) for k, v in state_dict.items()
+    )
     atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
-def converted_config(arch: str, embedding_size: int, input_size: int, source: str,
-                     patch_size: int = 0) -> ml_collections.ConfigDict:
+def converted_config(
+    arch: str, embedding_size: int, input_size: int, source: str, patch_size: int = 0
+) -> ml_collections.ConfigDict:
     """The ``config.json`` of a converted run: what ``models.build`` needs plus where the weights came from."""
     config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(dict(
-        arch=arch, embedding_size=int(embedding_size), input_size=int(input_size), width=1.0, dtype="float32",
-        patch_size=int(patch_size), remat="auto"))
-    config.data = ml_collections.ConfigDict(dict(
-        input_scale="clean",
-        input_scale_note=("insightface models are trained on (x/255-0.5)/0.5 = (x-127.5)/127.5 ('clean'); the "
-                          "reference IJB-C script feeds (x-127.5)/128 ('reference', docs/deviations.md §8.19). Choose the "
-                          "evaluation scale explicitly when reproducing the reference's numbers."),
-    ))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            arch=arch,
+            embedding_size=int(embedding_size),
+            input_size=int(input_size),
+            width=1.0,
+            dtype="float32",
+            patch_size=int(patch_size),
+            remat="auto",
+        )
+    )
+    config.data = ml_collections.ConfigDict(
+        dict(
+            input_scale="clean",
+            input_scale_note=(
+                "insightface models are trained on (x/255-0.5)/0.5 = (x-127.5)/127.5 ('clean'); the "
+                "reference IJB-C script feeds (x-127.5)/128 ('reference', docs/deviations.md §8.19). Choose the "
+                "evaluation scale explicitly when reproducing the reference's numbers."
+            ),
+        )
+    )
     config.converted_from = str(source)
     return config
 
@@ -597,8 +657,10 @@ def check_out_file(out: str | os.PathLike) -> None:
     """Refuses an export ``--out`` that names a directory (an existing one, or a path ending in a separator)."""
     text = os.fspath(out)
     if os.path.isdir(text) or text.endswith(("/", os.sep)):
-        raise ValueError(f"--out {text} is a directory; --export writes one file, e.g. --out "
-                         f"{os.path.join(text, 'backbone.pt')} (or backbone.onnx)")
+        raise ValueError(
+            f"--out {text} is a directory; --export writes one file, e.g. --out "
+            f"{os.path.join(text, 'backbone.pt')} (or backbone.onnx)"
+        )
 
 
 def check_new_run_dir(out: str | os.PathLike) -> None:
@@ -611,8 +673,15 @@ def check_new_run_dir(out: str | os.PathLike) -> None:
         raise ValueError(f"--out {out} already holds checkpoints ({ckpt_dir}); choose a new directory or delete it")
 
 
-def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: str, embedding_size: int | None = None,
-                 input_size: int = 112, patch_size: int = 0, width: float = 1.0) -> ml_collections.ConfigDict:
+def import_torch(
+    torch_path: str | os.PathLike,
+    out: str | os.PathLike,
+    arch: str,
+    embedding_size: int | None = None,
+    input_size: int = 112,
+    patch_size: int = 0,
+    width: float = 1.0,
+) -> ml_collections.ConfigDict:
     """Converts a PyTorch backbone file into the run directory ``out``; returns the written config."""
     check_new_run_dir(out)
     source = str(pathlib.Path(torch_path).resolve())
@@ -622,8 +691,9 @@ def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: st
         print(f"skipped (not part of the backbone): {describe_skipped(skipped)}")
     if embedding_size is None:
         embedding_size = infer_embedding_size(backbone, arch)
-    variables = torch_to_flax(backbone, arch, embedding_size, input_size, width, source=f"--torch {torch_path}",
-                              patch_size=patch_size)
+    variables = torch_to_flax(
+        backbone, arch, embedding_size, input_size, width, source=f"--torch {torch_path}", patch_size=patch_size
+    )
     config = converted_config(arch, embedding_size, input_size, source, patch_size)
     with config.unlocked():
         config.model.width = float(width)
@@ -633,16 +703,20 @@ def import_torch(torch_path: str | os.PathLike, out: str | os.PathLike, arch: st
     return config
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, arch: str | None = None,
-               step: int | None = None) -> StateDict:
+def export_run(
+    run_dir: str | os.PathLike, out: str | os.PathLike, arch: str | None = None, step: int | None = None
+) -> StateDict:
     """Writes the backbone of the run in ``run_dir`` as a PyTorch state dict file ``out``; returns it."""
     config, variables = checkpoint.load_params(run_dir, step)
     m = config.model
     if arch is not None and arch != m.arch:
-        raise ValueError(f"--arch {arch} does not match {run_dir}/config.json model.arch={m.arch!r}; drop --arch "
-                         f"or pick the right run")
-    state = flax_to_torch(variables, m.arch, m.embedding_size, m.input_size, m.get("width", 1.0),
-                          m.get("patch_size", 0))
+        raise ValueError(
+            f"--arch {arch} does not match {run_dir}/config.json model.arch={m.arch!r}; drop --arch "
+            f"or pick the right run"
+        )
+    state = flax_to_torch(
+        variables, m.arch, m.embedding_size, m.input_size, m.get("width", 1.0), m.get("patch_size", 0)
+    )
     save_torch_state_dict(state, out)
     print(f"exported {run_dir} ({m.arch}, D={m.embedding_size}) -> {out} ({len(state)} entries)")
     return state
@@ -653,24 +727,38 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mixbct_jax.convert",
         description="Convert insightface backbones into mixbct-jax run directories (--torch: a PyTorch state dict; "
-                    "--onnx: an ONNX recognition model as insightface's model packs ship them) and run directories "
-                    "back out (--export: a PyTorch state dict, or ONNX when --out ends in .onnx).")
+        "--onnx: an ONNX recognition model as insightface's model packs ship them) and run directories "
+        "back out (--export: a PyTorch state dict, or ONNX when --out ends in .onnx).",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--torch", metavar="FILE", help="PyTorch state dict (.pth/.pt) to import")
     source.add_argument("--onnx", metavar="FILE", help="insightface IResNet ONNX model (.onnx) to import")
     source.add_argument("--export", metavar="RUN_DIR", help="run directory whose backbone to export")
-    parser.add_argument("--arch", choices=sorted(models.ARCHS),
-                        help="backbone architecture (required with --torch; checked against the run with --export)")
-    parser.add_argument("--embedding_size", type=int, default=None,
-                        help="D (default: inferred from features.bias)")
+    parser.add_argument(
+        "--arch",
+        choices=sorted(models.ARCHS),
+        help="backbone architecture (required with --torch; checked against the run with --export)",
+    )
+    parser.add_argument("--embedding_size", type=int, default=None, help="D (default: inferred from features.bias)")
     parser.add_argument("--input_size", type=int, default=None, help="image side the model was trained on (112)")
-    parser.add_argument("--patch_size", type=int, default=None,
-                        help="ViTs: patch side (default: the variant's own, 9 for the insightface ViTs)")
-    parser.add_argument("--width", type=float, default=None,
-                        help="IResNets: stage-width multiplier of a scaled-down model (default 1; --onnx reads it)")
+    parser.add_argument(
+        "--patch_size",
+        type=int,
+        default=None,
+        help="ViTs: patch side (default: the variant's own, 9 for the insightface ViTs)",
+    )
+    parser.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="IResNets: stage-width multiplier of a scaled-down model (default 1; --onnx reads it)",
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: latest)")
-    parser.add_argument("--out", required=True,
-                        help="--torch/--onnx: the run directory to create; --export: the .pt (or .onnx) file to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="--torch/--onnx: the run directory to create; --export: the .pt (or .onnx) file to write",
+    )
     from mixbct_jax import cli
 
     args = parser.parse_args(None if argv is None else cli.snake_case_flags(argv))
@@ -679,21 +767,41 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--torch needs --arch (e.g. --arch r18)")
         if args.step is not None:
             parser.error("--step applies to --export only")
-        import_torch(args.torch, args.out, args.arch, args.embedding_size, args.input_size or 112,
-                     args.patch_size or 0, args.width or 1.0)
+        import_torch(
+            args.torch,
+            args.out,
+            args.arch,
+            args.embedding_size,
+            args.input_size or 112,
+            args.patch_size or 0,
+            args.width or 1.0,
+        )
     elif args.onnx is not None:
         from mixbct_jax import onnx_io
 
-        if args.step is not None or args.embedding_size is not None or args.input_size is not None \
-                or args.width is not None or args.patch_size is not None:
-            parser.error("--onnx reads the embedding size, input size and width from the graph; pass only --arch "
-                         "(optional) and --out")
+        if (
+            args.step is not None
+            or args.embedding_size is not None
+            or args.input_size is not None
+            or args.width is not None
+            or args.patch_size is not None
+        ):
+            parser.error(
+                "--onnx reads the embedding size, input size and width from the graph; pass only --arch "
+                "(optional) and --out"
+            )
         onnx_io.import_onnx(args.onnx, args.out, args.arch)
     else:
-        if (args.embedding_size is not None or args.input_size is not None or args.patch_size is not None
-                or args.width is not None):
-            parser.error("--export reads the embedding and input size, patch size and width from the run's "
-                         "config.json; drop them")
+        if (
+            args.embedding_size is not None
+            or args.input_size is not None
+            or args.patch_size is not None
+            or args.width is not None
+        ):
+            parser.error(
+                "--export reads the embedding and input size, patch size and width from the run's "
+                "config.json; drop them"
+            )
         check_out_file(args.out)
         if str(args.out).endswith(".onnx"):
             from mixbct_jax import onnx_io

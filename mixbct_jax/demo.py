@@ -20,7 +20,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from mixbct_jax.evaluation import report as report_lib
 
@@ -62,20 +62,54 @@ def run(out: str | pathlib.Path, *, steps: int = 300, seed: int = 0) -> dict:
     new_only, mixbct = out / "new_only", out / "new_mixbct"
     done = lambda workdir: workdir / "checkpoints" / str(steps) / "model"  # noqa: E731
 
-    _stage("1/5 train the old model", done(old),
-           lambda: train.train_and_evaluate(_load_config(f"role=old,steps={steps}", seed=seed), old))
-    _stage("2/5 extract old embeddings of the new training set", emb / "features.npy",
-           lambda: extract.extract(old, None, emb, role="new", batch_size=128))
-    _stage("3/5 denoise (credible mask, keep 90% per class)", emb / "credible.npy",
-           lambda: prepare.main(["denoise", "--features", str(emb / "features.npy"), "--labels",
-                                 str(emb / "labels.npy"), "--keep", "0.9", "--out", str(emb / "credible.npy")]))
-    _stage("4/5 train the new model without compatibility (upper bound)", done(new_only),
-           lambda: train.train_and_evaluate(_load_config(f"role=new,steps={steps}", seed=seed), new_only))
-    _stage("4/5 train the new model with MixBCT", done(mixbct),
-           lambda: train.train_and_evaluate(
-               _load_config(f"role=new,method=mixbct,steps={steps}", seed=seed, **{
-                   "old.features": str(emb / "features.npy"), "old.credible": str(emb / "credible.npy"),
-                   "old.labels": str(emb / "labels.npy")}), mixbct))
+    _stage(
+        "1/5 train the old model",
+        done(old),
+        lambda: train.train_and_evaluate(_load_config(f"role=old,steps={steps}", seed=seed), old),
+    )
+    _stage(
+        "2/5 extract old embeddings of the new training set",
+        emb / "features.npy",
+        lambda: extract.extract(old, None, emb, role="new", batch_size=128),
+    )
+    _stage(
+        "3/5 denoise (credible mask, keep 90% per class)",
+        emb / "credible.npy",
+        lambda: prepare.main(
+            [
+                "denoise",
+                "--features",
+                str(emb / "features.npy"),
+                "--labels",
+                str(emb / "labels.npy"),
+                "--keep",
+                "0.9",
+                "--out",
+                str(emb / "credible.npy"),
+            ]
+        ),
+    )
+    _stage(
+        "4/5 train the new model without compatibility (upper bound)",
+        done(new_only),
+        lambda: train.train_and_evaluate(_load_config(f"role=new,steps={steps}", seed=seed), new_only),
+    )
+    _stage(
+        "4/5 train the new model with MixBCT",
+        done(mixbct),
+        lambda: train.train_and_evaluate(
+            _load_config(
+                f"role=new,method=mixbct,steps={steps}",
+                seed=seed,
+                **{
+                    "old.features": str(emb / "features.npy"),
+                    "old.credible": str(emb / "credible.npy"),
+                    "old.labels": str(emb / "labels.npy"),
+                },
+            ),
+            mixbct,
+        ),
+    )
 
     table = {}
     for name, workdir in (("new_only", new_only), ("mixbct", mixbct)):
@@ -85,25 +119,38 @@ def run(out: str | pathlib.Path, *, steps: int = 300, seed: int = 0) -> dict:
             evaluate.evaluate(workdir, old, [("retrieval", HELD_OUT)], out_dir=report_dir, batch_size=128)
         rows = json.loads((report_dir / "report.json").read_text())["protocols"][f"retrieval:{HELD_OUT}"]["rows"]
         table[name] = rows
-    report_lib.plot_training_curves({"old": old / "metrics.jsonl", "new_only": new_only / "metrics.jsonl",
-                                     "mixbct": mixbct / "metrics.jsonl"}, out / "reports" / "training_curves.png")
+    report_lib.plot_training_curves(
+        {"old": old / "metrics.jsonl", "new_only": new_only / "metrics.jsonl", "mixbct": mixbct / "metrics.jsonl"},
+        out / "reports" / "training_curves.png",
+    )
     _print_table(table, out)
     return table
 
 
 def _print_table(table: dict, out: pathlib.Path) -> None:
-    lines = ["", "Retrieval on 48 held-out synthetic identities (query model / gallery model):", "",
-             "| new model | row | top-1 | top-5 | mAP |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Retrieval on 48 held-out synthetic identities (query model / gallery model):",
+        "",
+        "| new model | row | top-1 | top-5 | mAP |",
+        "|---|---|---|---|---|",
+    ]
     old_row = next(iter(table.values()))["old/old"]
     lines.append(f"| - | old/old | {old_row['top1']:.3f} | {old_row['top5']:.3f} | {old_row['mAP']:.3f} |")
     for name, rows in table.items():
         for row in ("new/new", "new/old"):
             m = rows[row]
             lines.append(f"| {name} | {row} | {m['top1']:.3f} | {m['top5']:.3f} | {m['mAP']:.3f} |")
-    lines += ["", "Compatible (BCT criterion): new/old mAP > old/old mAP: " + ", ".join(
-        f"{name} {'yes' if rows['new/old']['mAP'] > old_row['mAP'] else 'no'}" for name, rows in table.items()),
-        "", f"Reports and plots: {out / 'reports'}/<model>/report.md, *.png; "
-        f"training curves: {out / 'reports' / 'training_curves.png'}"]
+    lines += [
+        "",
+        "Compatible (BCT criterion): new/old mAP > old/old mAP: "
+        + ", ".join(
+            f"{name} {'yes' if rows['new/old']['mAP'] > old_row['mAP'] else 'no'}" for name, rows in table.items()
+        ),
+        "",
+        f"Reports and plots: {out / 'reports'}/<model>/report.md, *.png; "
+        f"training curves: {out / 'reports' / 'training_curves.png'}",
+    ]
     text = "\n".join(lines)
     print(text)
     report_lib.write_text_atomic(out / "reports" / "summary.md", text + "\n")

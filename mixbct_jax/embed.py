@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mixbct_jax import checkpoint, models
 from mixbct_jax.models import normalize_images  # noqa: F401 (the input convention, re-exported for callers)
@@ -24,7 +26,8 @@ from mixbct_jax.models import normalize_images  # noqa: F401 (the input conventi
 @dataclasses.dataclass
 class ModelEmbedder:
     """Embeds normalised images with one model; see the module docstring. An ``evaluation.embedding.Embedder``
-    (any callable of that signature) built from a checkpoint."""
+    (any callable of that signature) built from a checkpoint.
+    """
 
     apply_fn: Callable[[Any, jax.Array], jax.Array]
     variables: Any
@@ -36,14 +39,16 @@ class ModelEmbedder:
         """float32 [n, H, W, 3] (already normalised) -> float32 [n, D] raw embeddings."""
         images = np.asarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-            raise ValueError(f"the embedder expects images [n, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+            raise ValueError(
+                f"the embedder expects images [n, {self.image_size}, {self.image_size}, 3], got {images.shape}"
+            )
         out = np.empty((len(images), self.embedding_size), np.float32)
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            chunk = images[start : start + self.batch_size]
             n = len(chunk)
             if n < self.batch_size:  # pad the last batch so the function keeps one compiled shape
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], np.float32)])
-            out[start:start + n] = np.asarray(self.apply_fn(self.variables, chunk))[:n]
+            out[start : start + n] = np.asarray(self.apply_fn(self.variables, chunk))[:n]
         return out
 
 
@@ -64,8 +69,13 @@ def make_embedder(config, variables: Any, *, batch_size: int = 256, devices=None
     def apply_fn(variables, x):
         return apply(variables, jax.device_put(x, batch_sharded))
 
-    return ModelEmbedder(apply_fn=apply_fn, variables=variables, image_size=config.model.input_size,
-                    embedding_size=config.model.embedding_size, batch_size=batch_size)
+    return ModelEmbedder(
+        apply_fn=apply_fn,
+        variables=variables,
+        image_size=config.model.input_size,
+        embedding_size=config.model.embedding_size,
+        batch_size=batch_size,
+    )
 
 
 def check_variables(config, variables: Any, where: str) -> None:
@@ -83,12 +93,17 @@ def check_variables(config, variables: Any, where: str) -> None:
         return
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     shape = [k for k in sorted(set(want) & set(have)) if want[k] != have[k]]
-    detail = (f"{shape[0]} is {have[shape[0]]} in the checkpoint but {want[shape[0]]} for the model" if shape else
-              f"{len(missing)} arrays missing (e.g. {missing[:1]}) and {len(extra)} unexpected (e.g. {extra[:1]})")
-    raise ValueError(f"{where}: the checkpoint does not match the model its config.json describes "
-                     f"(model.arch={config.model.arch!r}, embedding_size={config.model.embedding_size}, "
-                     f"width={config.model.get('width', 1.0)}): {detail}; the checkpoint or config.json comes from "
-                     f"another run: point --workdir at the run that wrote both.")
+    detail = (
+        f"{shape[0]} is {have[shape[0]]} in the checkpoint but {want[shape[0]]} for the model"
+        if shape
+        else f"{len(missing)} arrays missing (e.g. {missing[:1]}) and {len(extra)} unexpected (e.g. {extra[:1]})"
+    )
+    raise ValueError(
+        f"{where}: the checkpoint does not match the model its config.json describes "
+        f"(model.arch={config.model.arch!r}, embedding_size={config.model.embedding_size}, "
+        f"width={config.model.get('width', 1.0)}): {detail}; the checkpoint or config.json comes from "
+        f"another run: point --workdir at the run that wrote both."
+    )
 
 
 def load_embedder(workdir: str | os.PathLike, *, batch_size: int = 256, step: int | None = None) -> ModelEmbedder:

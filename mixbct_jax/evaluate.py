@@ -99,10 +99,12 @@ def evaluate(
         embedders["old"] = _as_embedder(old_workdir, batch_size)
         sizes = {k: getattr(e, "embedding_size", None) for k, e in embedders.items()}
         if None not in sizes.values() and sizes["new"] != sizes["old"]:
-            raise ValueError(f"the new model ({_describe(new_workdir)}, D={sizes['new']}) and the old model "
-                             f"({_describe(old_workdir)}, D={sizes['old']}) have different embedding sizes, so new "
-                             f"queries cannot be compared with the old gallery; pass the old model the new one was "
-                             f"trained to be compatible with, or drop --old")
+            raise ValueError(
+                f"the new model ({_describe(new_workdir)}, D={sizes['new']}) and the old model "
+                f"({_describe(old_workdir)}, D={sizes['old']}) have different embedding sizes, so new "
+                f"queries cannot be compared with the old gallery; pass the old model the new one was "
+                f"trained to be compatible with, or drop --old"
+            )
         rows = [("old", "old"), ("new", "new"), ("new", "old")]
 
     results = {
@@ -118,8 +120,14 @@ def evaluate(
         },
         "protocols": {},
     }
-    options = dict(batch_size=batch_size, ijb_scale=ijb_scale, ijb_far_index=ijb_far_index, ijb_tasks=ijb_tasks,
-                   gallery_fraction=gallery_fraction, num_workers=num_workers)
+    options = dict(
+        batch_size=batch_size,
+        ijb_scale=ijb_scale,
+        ijb_far_index=ijb_far_index,
+        ijb_tasks=ijb_tasks,
+        gallery_fraction=gallery_fraction,
+        num_workers=num_workers,
+    )
     for proto, data in pairs:
         print(f"== {proto}: {os.fspath(data)}", file=sys.stderr)
         results["protocols"].update(run_protocol(proto, os.fspath(data), embedders, rows, **options))
@@ -128,12 +136,23 @@ def evaluate(
     return results
 
 
-def run_protocol(proto: str, data: str, embedders: Mapping[str, Embedder], rows: Sequence[tuple[str, str]], *,
-                 batch_size: int = 256, ijb_scale: str = "reference", ijb_far_index: str = "reference",
-                 ijb_tasks: Sequence[str] = ("1:1", "1:N"), gallery_fraction: float = 0.5, num_workers: int = 8,
-                 bins: dict[str, tuple] | None = None) -> dict[str, dict]:
+def run_protocol(
+    proto: str,
+    data: str,
+    embedders: Mapping[str, Embedder],
+    rows: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 256,
+    ijb_scale: str = "reference",
+    ijb_far_index: str = "reference",
+    ijb_tasks: Sequence[str] = ("1:1", "1:N"),
+    gallery_fraction: float = 0.5,
+    num_workers: int = 8,
+    bins: dict[str, tuple] | None = None,
+) -> dict[str, dict]:
     """One protocol of ``evaluate`` on ready embedders: ``{name: {'protocol', 'data', 'rows': {row: metrics}}}``
-    (one name per ``.bin`` file of a bin folder). ``bins`` caches decoded pair sets across calls (training)."""
+    (one name per ``.bin`` file of a bin folder). ``bins`` caches decoded pair sets across calls (training).
+    """
     out = {}
     if proto == "bin":
         sizes = sorted({image_size_of(e) for e in embedders.values()})
@@ -150,14 +169,24 @@ def run_protocol(proto: str, data: str, embedders: Mapping[str, Embedder], rows:
             res = verification.evaluate_bin(images, issame, embedders, rows, batch_size=batch_size)
             out[name] = {"protocol": "bin", "data": path, "rows": res}
     elif proto in ("ijbc", "ijbb"):
-        res = ijb.evaluate_ijb(data, embedders, rows, subset=proto.upper(), tasks=ijb_tasks, batch_size=batch_size,
-                               scale=ijb_scale, far_index=ijb_far_index, num_workers=num_workers)
+        res = ijb.evaluate_ijb(
+            data,
+            embedders,
+            rows,
+            subset=proto.upper(),
+            tasks=ijb_tasks,
+            batch_size=batch_size,
+            scale=ijb_scale,
+            far_index=ijb_far_index,
+            num_workers=num_workers,
+        )
         out[proto] = {"protocol": proto, "data": data, "rows": res}
     else:
         from mixbct_jax.data.sources import open_source  # another module's heavy deps: load lazily
 
-        res = retrieval.evaluate_retrieval(open_source(data), embedders, rows, gallery_fraction=gallery_fraction,
-                                           batch_size=batch_size)
+        res = retrieval.evaluate_retrieval(
+            open_source(data), embedders, rows, gallery_fraction=gallery_fraction, batch_size=batch_size
+        )
         out[f"retrieval:{data}"] = {"protocol": "retrieval", "data": data, "rows": res}
     return out
 
@@ -191,8 +220,9 @@ class PeriodicEval:
             rows.append(("new", "old"))
         record: dict[str, Any] = {"step": step}
         for proto, data in _protocols(c):
-            for name, result in run_protocol(proto, data, embedders, rows, batch_size=c.evals.batch_size,
-                                             bins=self.bins).items():
+            for name, result in run_protocol(
+                proto, data, embedders, rows, batch_size=c.evals.batch_size, bins=self.bins
+            ).items():
                 for row, metrics in result["rows"].items():
                     if proto == "retrieval":
                         record.update({f"eval/{row}/{k}": float(metrics[k]) for k in ("top1", "top5", "mAP")})
@@ -209,22 +239,31 @@ def _protocols(config) -> list[tuple[str, str]]:
 
 def final_evals(config, workdir) -> dict[str, Any]:
     """The finished run's ``evaluate`` over ``config.evals`` (retrieval and .bin), written to ``<workdir>/eval``;
-    ``{'evals': {protocol name: result}}``, or {} when no protocol is set (and on every process but the first)."""
+    ``{'evals': {protocol name: result}}``, or {} when no protocol is set (and on every process but the first).
+    """
     import jax
 
     protocols = _protocols(config)
     if not protocols or jax.process_index() != 0:
         return {}
-    results = evaluate(workdir, config.old.workdir or None, protocols, out_dir=pathlib.Path(workdir) / "eval",
-                       batch_size=config.evals.batch_size)
+    results = evaluate(
+        workdir,
+        config.old.workdir or None,
+        protocols,
+        out_dir=pathlib.Path(workdir) / "eval",
+        batch_size=config.evals.batch_size,
+    )
     return {"evals": results["protocols"]}
 
 
 def headlines(final: dict[str, Any]) -> dict[str, Any]:
     """``final_evals``' headline number per protocol and row, for TensorBoard."""
-    return {"final": {report.short_name(name): {row: report.headline(p["protocol"], m)[0]
-                                                for row, m in p["rows"].items()}
-                      for name, p in final["evals"].items()}}
+    return {
+        "final": {
+            report.short_name(name): {row: report.headline(p["protocol"], m)[0] for row, m in p["rows"].items()}
+            for name, p in final["evals"].items()
+        }
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -236,15 +275,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--new", required=True, help="run directory of the new model")
     parser.add_argument("--old", help="run directory of the old model (adds old/old and new/old)")
-    parser.add_argument("--protocol", action="append", required=True, choices=PROTOCOLS,
-                        help="repeatable; each needs its own --data")
+    parser.add_argument(
+        "--protocol", action="append", required=True, choices=PROTOCOLS, help="repeatable; each needs its own --data"
+    )
     parser.add_argument("--data", action="append", required=True, help="data for the matching --protocol")
     parser.add_argument("--out", required=True, help="output folder for report.json, report.md and plots")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--ijb_scale", choices=("reference", "clean"), default="reference",
-                        help="IJB input scale: reference (x-127.5)/128 or clean (x-127.5)/127.5")
-    parser.add_argument("--ijb_far_index", choices=("reference", "ceil"), default="reference",
-                        help="IJB 1:N threshold index: reference int(n*far)-1 or ceil(n*far)-1")
+    parser.add_argument(
+        "--ijb_scale",
+        choices=("reference", "clean"),
+        default="reference",
+        help="IJB input scale: reference (x-127.5)/128 or clean (x-127.5)/127.5",
+    )
+    parser.add_argument(
+        "--ijb_far_index",
+        choices=("reference", "ceil"),
+        default="reference",
+        help="IJB 1:N threshold index: reference int(n*far)-1 or ceil(n*far)-1",
+    )
     parser.add_argument("--ijb_tasks", choices=("1:1", "1:N", "both"), default="both")
     parser.add_argument("--gallery_fraction", type=float, default=0.5, help="retrieval: per-class gallery share")
     parser.add_argument("--workers", type=int, default=8, help="image decoding threads")

@@ -23,7 +23,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,9 +37,19 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike, *, scenario: str | None = None,
-            role: str = "new", batch_size: int = 256, dtype: str = "float32", flip: str = "none",
-            seed: int = 0, step: int | None = None) -> dict[str, str]:
+def extract(
+    workdir: str | os.PathLike,
+    data: str | None,
+    out: str | os.PathLike,
+    *,
+    scenario: str | None = None,
+    role: str = "new",
+    batch_size: int = 256,
+    dtype: str = "float32",
+    flip: str = "none",
+    seed: int = 0,
+    step: int | None = None,
+) -> dict[str, str]:
     """Embeds the ``role`` side of ``scenario`` of ``data`` with the model in ``workdir``.
 
     Args:
@@ -85,8 +95,18 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
     final_features, final_labels = out / "features.npy", out / "labels.npy"
     partial = out / "features.npy.partial"
     progress_path = out / PROGRESS
-    signature = {"workdir": str(pathlib.Path(workdir).absolute()), "data": data, "scenario": scenario, "role": role,
-                 "n": n, "d": d, "dtype": dtype, "flip": flip, "seed": seed, "step": step}
+    signature = {
+        "workdir": str(pathlib.Path(workdir).absolute()),
+        "data": data,
+        "scenario": scenario,
+        "role": role,
+        "n": n,
+        "d": d,
+        "dtype": dtype,
+        "flip": flip,
+        "seed": seed,
+        "step": step,
+    }
     if final_features.exists() and final_labels.exists() and not partial.exists():
         _log(f"{final_features} already complete; delete it to extract again")
         return {"features": str(final_features), "labels": str(final_labels)}
@@ -101,8 +121,9 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
         np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(n, d)).flush()
     features = np.lib.format.open_memmap(partial, mode="r+")
 
-    remaining = splits.Subset(indices=subset.indices[done:], labels=subset.labels[done:],
-                              num_classes=subset.num_classes)
+    remaining = splits.Subset(
+        indices=subset.indices[done:], labels=subset.labels[done:], num_classes=subset.num_classes
+    )
     flip_subset_rows = flip == "random"
     last_saved, rows = 0.0, done
     if len(remaining):
@@ -115,7 +136,7 @@ def extract(workdir: str | os.PathLike, data: str | None, out: str | os.PathLike
                 images = np.where(coin[:, None, None, None], images[:, :, ::-1], images)
             emb = embedder(models.normalize_images(images))
             k = len(emb)
-            features[rows:rows + k] = emb.astype(dtype)
+            features[rows : rows + k] = emb.astype(dtype)
             rows += k
             bar.update(k)
             now = time.time()
@@ -151,8 +172,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     from mixbct_jax import cli
 
     a = p.parse_args(None if argv is None else cli.snake_case_flags(argv))
-    return extract(a.workdir, a.data, a.out, scenario=a.scenario, role=a.role, batch_size=a.batch_size,
-                   dtype=a.dtype, flip=a.flip, seed=a.seed, step=a.step)
+    return extract(
+        a.workdir,
+        a.data,
+        a.out,
+        scenario=a.scenario,
+        role=a.role,
+        batch_size=a.batch_size,
+        dtype=a.dtype,
+        flip=a.flip,
+        seed=a.seed,
+        step=a.step,
+    )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,20 @@ LOCK_FILE = ".lock"
 RESUMES_FILE = "resumes.jsonl"
 
 # Fields whose change only alters how a run is observed or laid out on devices (a prefix ends with a dot).
-HARMLESS = ("log_every_steps", "tensorboard", "evals.", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.asynchronous",
-            "num_devices", "parallel", "data.threads", "resume_allow", "max_consecutive_nonfinite",
-            "old.finite_check")
+HARMLESS = (
+    "log_every_steps",
+    "tensorboard",
+    "evals.",
+    "checkpoint.every_steps",
+    "checkpoint.keep",
+    "checkpoint.asynchronous",
+    "num_devices",
+    "parallel",
+    "data.threads",
+    "resume_allow",
+    "max_consecutive_nonfinite",
+    "old.finite_check",
+)
 # Fields that change the stored shapes or what the stored state means: never resumed across.
 STRUCTURAL = ("model.", "head.type", "bct.method", "data.scenario", "data.role", "data.split_ratio")
 
@@ -100,8 +111,10 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
     if not has_checkpoint(workdir):
         return {}
     if not path.exists():
-        raise ResumeError(f"{workdir} holds checkpoints but no {CONFIG_FILE}, so this command cannot be checked "
-                          f"against the run it would resume: use a new --workdir, or restore {path}.")
+        raise ResumeError(
+            f"{workdir} holds checkpoints but no {CONFIG_FILE}, so this command cannot be checked "
+            f"against the run it would resume: use a new --workdir, or restore {path}."
+        )
     try:
         stored = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -110,14 +123,19 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
     allow = [p.strip() for p in str(config.get("resume_allow", "")).split(",") if p.strip()]
     structural = {k: v for k, v in diff.items() if _matches(k, STRUCTURAL)}
     if structural:
-        raise ResumeError(f"{workdir} holds another run ({_fmt(structural)}): resuming it with this config would "
-                          f"train a different model; use a new --workdir for this config.")
-    refused = {k: v for k, v in diff.items()
-               if not _matches(k, HARMLESS) and "*" not in allow and not _matches(k, allow)}
+        raise ResumeError(
+            f"{workdir} holds another run ({_fmt(structural)}): resuming it with this config would "
+            f"train a different model; use a new --workdir for this config."
+        )
+    refused = {
+        k: v for k, v in diff.items() if not _matches(k, HARMLESS) and "*" not in allow and not _matches(k, allow)
+    }
     if refused:
         names = ",".join(refused)
-        raise ResumeError(f"{workdir} was trained with another config ({_fmt(refused)}): use a new --workdir, or "
-                          f"resume with the change on purpose with --config.resume_allow={names}")
+        raise ResumeError(
+            f"{workdir} was trained with another config ({_fmt(refused)}): use a new --workdir, or "
+            f"resume with the change on purpose with --config.resume_allow={names}"
+        )
     return diff
 
 
@@ -125,8 +143,11 @@ def record_resume(workdir: str | os.PathLike, step: int, diff: dict[str, tuple[A
     """Appends the allowed changes of a resume to ``resumes.jsonl`` (the new config.json is written by the caller)."""
     if not diff:
         return
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step,
-              "changed": {k: {"was": a, "now": b} for k, (a, b) in diff.items()}}
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "step": step,
+        "changed": {k: {"was": a, "now": b} for k, (a, b) in diff.items()},
+    }
     with open(pathlib.Path(workdir) / RESUMES_FILE, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -204,11 +225,15 @@ class WorkdirLock:
                 owner = {}  # torn by a kill between create and write: stale
             host, pid = owner.get("host"), owner.get("pid")
             if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
-                raise LockError(f"{self.path.parent} is in use by another trainer (pid {pid} on {host}); wait "
-                                f"for it to finish or stop it, or use another --workdir.")
+                raise LockError(
+                    f"{self.path.parent} is in use by another trainer (pid {pid} on {host}); wait "
+                    f"for it to finish or stop it, or use another --workdir."
+                )
             if host not in (None, socket.gethostname()):
-                raise LockError(f"{self.path.parent} is locked by a trainer on host {host} (pid {pid}); if it is no "
-                                f"longer running, delete {self.path} and rerun.")
+                raise LockError(
+                    f"{self.path.parent} is locked by a trainer on host {host} (pid {pid}); if it is no "
+                    f"longer running, delete {self.path} and rerun."
+                )
             log(f"removing the stale lock {self.path} of a trainer that is gone (pid {pid})")
             self.path.unlink(missing_ok=True)
         raise LockError(f"{self.path} could not be taken; delete it if no trainer uses {self.path.parent}.")

@@ -27,8 +27,13 @@ class MethodHost:
     def __init__(self, config, train_step, subset, workdir: pathlib.Path):
         self.config, self.train_step, self.subset, self.workdir = config, train_step, subset, workdir
         self.method = train_step.method
-        self.old = old_embeddings.open_for_method(config, self.method, num_examples=len(subset),
-                                                  source_labels=subset.labels, num_classes=train_step.num_classes)
+        self.old = old_embeddings.open_for_method(
+            config,
+            self.method,
+            num_examples=len(subset),
+            source_labels=subset.labels,
+            num_classes=train_step.num_classes,
+        )
         self.needs = self.method.per_example + self.method.per_label
         self.consts = train_step.pad_consts({name: self.old.tables[name] for name in self.method.consts})
         self.device_consts = train_step.consts_to_device(self.consts)
@@ -42,7 +47,8 @@ class MethodHost:
 
     def refresh(self, epoch: int, state: PyTree) -> PyTree:
         """At an epoch boundary (and on resume): lets the method replace its consts (UniBCT's refinement) and
-        returns the device consts for the next steps."""
+        returns the device consts for the next steps.
+        """
         if self.method.host_update is None:
             return self.device_consts
         cache = {}
@@ -58,8 +64,15 @@ class MethodHost:
             images = cache["source"].read(self.subset.indices[indices])
             return cache["embedder"](models.normalize_images(images))
 
-        new = self.method.host_update(epoch, config=self.config, workdir=self.workdir, consts=self.consts,
-                                      embed_new=embed_new, old=self.old, subset=self.subset)
+        new = self.method.host_update(
+            epoch,
+            config=self.config,
+            workdir=self.workdir,
+            consts=self.consts,
+            embed_new=embed_new,
+            old=self.old,
+            subset=self.subset,
+        )
         if new is not None:
             self.consts.update(new)
             self.device_consts = self.train_step.consts_to_device(self.consts)

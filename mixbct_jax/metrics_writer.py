@@ -53,8 +53,9 @@ class MetricsWriter:
       tensorboard: also write TensorBoard event files.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, start_step: int = 0, enabled: bool = True,
-                 tensorboard: bool = True) -> None:
+    def __init__(
+        self, workdir: str | os.PathLike, *, start_step: int = 0, enabled: bool = True, tensorboard: bool = True
+    ) -> None:
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
@@ -63,8 +64,11 @@ class MetricsWriter:
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter  # lazily: only a training run needs it
 
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / TENSORBOARD_DIR),
-                                     purge_step=start_step if start_step > 0 else None, flush_secs=30)
+            self._tb = SummaryWriter(
+                str(pathlib.Path(workdir) / TENSORBOARD_DIR),
+                purge_step=start_step if start_step > 0 else None,
+                flush_secs=30,
+            )
 
     def write(self, step: int, record: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
         """Writes one record (``step`` and ``time`` added) to both sinks; returns the record as written."""
@@ -80,7 +84,8 @@ class MetricsWriter:
 
     def tensorboard_only(self, step: int, record: dict[str, Any]) -> None:
         """Writes a record's scalars to TensorBoard alone (the final evaluation: its full results are the run's
-        ``eval/report.json``, and ``metrics.jsonl`` stays one record per logged step)."""
+        ``eval/report.json``, and ``metrics.jsonl`` stays one record per logged step).
+        """
         if self._tb is not None:
             for tag, value in _scalars(record).items():
                 self._tb.add_scalar(tag, value, global_step=int(step))

@@ -28,9 +28,12 @@ def _log(msg: str) -> None:
 def _count_skips(counts: dict[str, jax.Array], finite: jax.Array) -> dict[str, jax.Array]:
     bad = jnp.asarray(finite).reshape(-1)[0] < 1  # pmap metrics carry a device axis
     steps = counts["steps"] + 1
-    return {"steps": steps, "skipped": counts["skipped"] + bad.astype(jnp.int32),
-            "consecutive": jnp.where(bad, counts["consecutive"] + 1, 0),
-            "last_finite": jnp.where(bad, counts["last_finite"], steps)}
+    return {
+        "steps": steps,
+        "skipped": counts["skipped"] + bad.astype(jnp.int32),
+        "consecutive": jnp.where(bad, counts["consecutive"] + 1, 0),
+        "last_finite": jnp.where(bad, counts["last_finite"], steps),
+    }
 
 
 class SkipCounter:
@@ -54,13 +57,17 @@ class SkipCounter:
 
     def _error(self, c: dict[str, int], done: int, what: str) -> NonFiniteLossError:
         latest = self.mngr.latest_step()
-        kept = (f"the last good checkpoint (step {latest}) is kept in {self.workdir}/checkpoints" if latest is not None
-                else "no checkpoint was written, a rerun starts from step 0")
+        kept = (
+            f"the last good checkpoint (step {latest}) is kept in {self.workdir}/checkpoints"
+            if latest is not None
+            else "no checkpoint was written, a rerun starts from step 0"
+        )
         return NonFiniteLossError(
             f"step {done}: {c['consecutive']} consecutive steps had a non-finite loss or gradients and were skipped "
             f"({c['skipped']} in this process); the last finite step was {c['last_finite']}; {what}; {kept}. Lower "
             f"config.optim.lr or check the input data, then rerun (add --config.resume_allow=optim.lr to keep the "
-            f"checkpoint).")
+            f"checkpoint)."
+        )
 
     def check(self, done: int) -> dict[str, int]:
         """At a log step: raises after too many skips in a row; returns the counts for metrics.jsonl."""

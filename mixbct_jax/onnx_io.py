@@ -94,7 +94,8 @@ def _param_ops(model, where: str) -> list[_Op]:
             raise ValueError(
                 f"{where}: node {name} ({t}) scales the input inside the graph (an mxnet-era model pack that "
                 "takes raw 0-255 pixels); only packs that take (x - 127.5) / 127.5 inputs, as the PyTorch-trained "
-                "insightface models do, can be imported")
+                "insightface models do, can be imported"
+            )
         if t == "Conv":
             seen_conv = True
             arrays = {"weight": const_in[1]}
@@ -103,8 +104,17 @@ def _param_ops(model, where: str) -> list[_Op]:
             ops.append(_Op("conv", name, pos, arrays, _attrs(node), node.input[0], node.output[0]))
         elif t == "BatchNormalization":
             scale, bias, mean, var = const_in[1:5]
-            ops.append(_Op("bn", name, pos, dict(weight=scale, bias=bias, mean=mean, var=var), _attrs(node),
-                           node.input[0], node.output[0]))
+            ops.append(
+                _Op(
+                    "bn",
+                    name,
+                    pos,
+                    dict(weight=scale, bias=bias, mean=mean, var=var),
+                    _attrs(node),
+                    node.input[0],
+                    node.output[0],
+                )
+            )
         elif t == "PRelu":
             ops.append(_Op("prelu", name, pos, {"weight": const_in[1]}, {}))
         elif t == "Gemm":
@@ -128,8 +138,10 @@ def _param_ops(model, where: str) -> list[_Op]:
     for op in ops:
         missing = [k for k, v in op.arrays.items() if v is None]
         if missing:
-            raise ValueError(f"{where}: node {op.name} takes its {'/'.join(missing)} from another node's output, "
-                             "not from an initializer; export the model with constant folding on")
+            raise ValueError(
+                f"{where}: node {op.name} takes its {'/'.join(missing)} from another node's output, "
+                "not from an initializer; export the model with constant folding on"
+            )
     return ops
 
 
@@ -144,30 +156,41 @@ def _graph_input_size(model) -> int | None:
 def _identity_bn(prefix: str, bias: np.ndarray) -> dict[str, np.ndarray]:
     """A BatchNorm that adds ``bias`` and nothing else: 1 / sqrt((1 - eps) + eps) = 1."""
     c = bias.shape[0]
-    return {f"{prefix}.weight": np.ones(c, np.float32), f"{prefix}.bias": bias.astype(np.float32),
-            f"{prefix}.running_mean": np.zeros(c, np.float32),
-            f"{prefix}.running_var": np.full(c, 1.0 - _EPS, np.float32)}
+    return {
+        f"{prefix}.weight": np.ones(c, np.float32),
+        f"{prefix}.bias": bias.astype(np.float32),
+        f"{prefix}.running_mean": np.zeros(c, np.float32),
+        f"{prefix}.running_var": np.full(c, 1.0 - _EPS, np.float32),
+    }
 
 
 def _bn_entries(prefix: str, op: _Op, frozen_scale: bool) -> dict[str, np.ndarray]:
     """A BatchNorm node's tensors; a node epsilon other than 1e-5 (and, for the head BatchNorm1d whose gamma the
-    Flax model fixes at 1, a scale other than 1) is moved into the running variance, which is exact."""
+    Flax model fixes at 1, a scale other than 1) is moved into the running variance, which is exact.
+    """
     a = {k: np.asarray(v, np.float32).reshape(-1) for k, v in op.arrays.items()}
     eps = float(op.attrs.get("epsilon", _EPS))
     denom = a["var"] + eps  # what the node divides by (squared)
     scale = a["weight"]
     if frozen_scale:
         if np.any(scale <= 0):
-            raise ValueError(f"node {op.name}: the head BatchNorm's scale has non-positive entries; it cannot be "
-                             "expressed with the frozen gamma of the insightface IResNet")
+            raise ValueError(
+                f"node {op.name}: the head BatchNorm's scale has non-positive entries; it cannot be "
+                "expressed with the frozen gamma of the insightface IResNet"
+            )
         denom = denom / scale**2
         scale = np.ones_like(scale)
-    return {f"{prefix}.weight": scale, f"{prefix}.bias": a["bias"], f"{prefix}.running_mean": a["mean"],
-            f"{prefix}.running_var": (denom - _EPS).astype(np.float32)}
+    return {
+        f"{prefix}.weight": scale,
+        f"{prefix}.bias": a["bias"],
+        f"{prefix}.running_mean": a["mean"],
+        f"{prefix}.running_var": (denom - _EPS).astype(np.float32),
+    }
 
 
-def _match(ops: list[_Op], modules: list[tuple[str, tuple[str, ...], str]], expected_shapes: Mapping[str, tuple],
-           where: str) -> dict[str, np.ndarray]:
+def _match(
+    ops: list[_Op], modules: list[tuple[str, tuple[str, ...], str]], expected_shapes: Mapping[str, tuple], where: str
+) -> dict[str, np.ndarray]:
     """Walks the model's modules and the graph's parameterised nodes together; returns the torch state dict."""
     sd: dict[str, np.ndarray] = {}
     i = 0  # next graph op
@@ -175,26 +198,37 @@ def _match(ops: list[_Op], modules: list[tuple[str, tuple[str, ...], str]], expe
     while m < len(modules):
         prefix, _, kind = modules[m]
         op = ops[i] if i < len(ops) else None
-        want = {"conv": "conv", "bn": "bn", "bn_frozen_scale": "bn", "prelu": "prelu", "linear": "linear",
-                "linear_chw": "linear"}[kind]
+        want = {
+            "conv": "conv",
+            "bn": "bn",
+            "bn_frozen_scale": "bn",
+            "prelu": "prelu",
+            "linear": "linear",
+            "linear_chw": "linear",
+        }[kind]
         if op is None or op.kind != want:
             got = "the end of the graph" if op is None else f"node {op.name} ({op.kind}, node #{op.position})"
-            raise ValueError(f"{where}: expected the {kind} of {prefix} but found {got}; the graph is not an "
-                             "insightface IResNet of this depth (pass --arch to choose another, or check the file)")
+            raise ValueError(
+                f"{where}: expected the {kind} of {prefix} but found {got}; the graph is not an "
+                "insightface IResNet of this depth (pass --arch to choose another, or check the file)"
+            )
         i += 1
         m += 1
         if want in ("conv", "linear"):
             weight = np.asarray(op.arrays["weight"], np.float32)
             shape = expected_shapes[f"{prefix}.weight"]
             if weight.shape != shape:
-                raise ValueError(f"{where}: node {op.name} has a weight of shape {weight.shape}, {prefix}.weight "
-                                 f"needs {shape}; the graph is another architecture or embedding size")
+                raise ValueError(
+                    f"{where}: node {op.name} has a weight of shape {weight.shape}, {prefix}.weight "
+                    f"needs {shape}; the graph is another architecture or embedding size"
+                )
             sd[f"{prefix}.weight"] = weight
             bias = op.arrays.get("bias")
             if want == "linear":
                 out = weight.shape[0]
-                sd[f"{prefix}.bias"] = (np.zeros(out, np.float32) if bias is None
-                                        else np.asarray(bias, np.float32).reshape(-1))
+                sd[f"{prefix}.bias"] = (
+                    np.zeros(out, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+                )
                 bias = None  # the Linear keeps its own bias
             nxt = ops[i] if i < len(ops) else None
             follows_bn = m < len(modules) and modules[m][2] in ("bn", "bn_frozen_scale")
@@ -206,16 +240,20 @@ def _match(ops: list[_Op], modules: list[tuple[str, tuple[str, ...], str]], expe
                 sd.update(_identity_bn(modules[m][0], folded))
                 m += 1
             elif bias is not None and np.any(bias != 0):
-                raise ValueError(f"{where}: convolution {op.name} has a bias but no BatchNorm to carry it follows "
-                                 f"{prefix}; this is not an insightface IResNet graph")
+                raise ValueError(
+                    f"{where}: convolution {op.name} has a bias but no BatchNorm to carry it follows "
+                    f"{prefix}; this is not an insightface IResNet graph"
+                )
         elif want == "bn":
             sd.update(_bn_entries(prefix, op, frozen_scale=kind == "bn_frozen_scale"))
         else:  # prelu
             sd[f"{prefix}.weight"] = np.asarray(op.arrays["weight"], np.float32).reshape(-1)
     if i != len(ops):
         extra = ops[i]
-        raise ValueError(f"{where}: the graph has more layers than the IResNet (first extra: node {extra.name}, "
-                         f"{extra.kind}); pass --arch with a deeper model")
+        raise ValueError(
+            f"{where}: the graph has more layers than the IResNet (first extra: node {extra.name}, "
+            f"{extra.kind}); pass --arch with a deeper model"
+        )
     return sd
 
 
@@ -300,8 +338,10 @@ def import_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, arch: str 
         config.model.width = float(info["width"])
     checkpoint.save_model_only(out, config, variables)
     n = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
-    print(f"converted {source} -> {out} ({info['arch']}, D={info['embedding_size']}, input {info['input_size']}, "
-          f"width {info['width']:g}, {n / 1e6:.2f}M parameters)")
+    print(
+        f"converted {source} -> {out} ({info['arch']}, D={info['embedding_size']}, input {info['input_size']}, "
+        f"width {info['width']:g}, {n / 1e6:.2f}M parameters)"
+    )
     return info
 
 
@@ -310,8 +350,15 @@ def import_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, arch: str 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def flax_to_onnx(variables: Mapping[str, Any], arch: str, embedding_size: int, input_size: int = 112,
-                 width: float = 1.0, *, opset: int = 17):
+def flax_to_onnx(
+    variables: Mapping[str, Any],
+    arch: str,
+    embedding_size: int,
+    input_size: int = 112,
+    width: float = 1.0,
+    *,
+    opset: int = 17,
+):
     """The backbone as an ``onnx.ModelProto``: input ``[N, 3, S, S]`` scaled to [-1, 1], output ``[N, D]``."""
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
@@ -332,14 +379,21 @@ def flax_to_onnx(variables: Mapping[str, Any], arch: str, embedding_size: int, i
     def conv(x: str, prefix: str, stride: int, pad: int) -> str:
         w = sd[f"{prefix}.weight"]
         out = f"{prefix}.out"
-        nodes.append(helper.make_node("Conv", [x, init(f"{prefix}.weight", w)], [out], name=prefix,
-                                      kernel_shape=list(w.shape[2:]), strides=[stride, stride],
-                                      pads=[pad] * 4))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, init(f"{prefix}.weight", w)],
+                [out],
+                name=prefix,
+                kernel_shape=list(w.shape[2:]),
+                strides=[stride, stride],
+                pads=[pad] * 4,
+            )
+        )
         return out
 
     def bn(x: str, prefix: str) -> str:
-        names = [init(f"{prefix}.{k}", sd[f"{prefix}.{k}"]) for k in ("weight", "bias", "running_mean",
-                                                                      "running_var")]
+        names = [init(f"{prefix}.{k}", sd[f"{prefix}.{k}"]) for k in ("weight", "bias", "running_mean", "running_var")]
         out = f"{prefix}.out"
         nodes.append(helper.make_node("BatchNormalization", [x, *names], [out], name=prefix, epsilon=_EPS))
         return out
@@ -363,34 +417,47 @@ def flax_to_onnx(variables: Mapping[str, Any], arch: str, embedding_size: int, i
             x = f"{t}.out"
     x = bn(x, "bn2")
     nodes.append(helper.make_node("Flatten", [x], ["flatten.out"], name="flatten", axis=1))  # C,H,W order
-    nodes.append(helper.make_node("Gemm", ["flatten.out", init("fc.weight", sd["fc.weight"]),
-                                           init("fc.bias", sd["fc.bias"])], ["fc.out"], name="fc", transB=1))
+    nodes.append(
+        helper.make_node(
+            "Gemm",
+            ["flatten.out", init("fc.weight", sd["fc.weight"]), init("fc.bias", sd["fc.bias"])],
+            ["fc.out"],
+            name="fc",
+            transB=1,
+        )
+    )
     names = [init(f"features.{k}", sd[f"features.{k}"]) for k in ("weight", "bias", "running_mean", "running_var")]
-    nodes.append(helper.make_node("BatchNormalization", ["fc.out", *names], [OUTPUT_NAME], name="features",
-                                  epsilon=_EPS))
+    nodes.append(
+        helper.make_node("BatchNormalization", ["fc.out", *names], [OUTPUT_NAME], name="features", epsilon=_EPS)
+    )
     graph = helper.make_graph(
-        nodes, f"mixbct_jax_{arch}",
+        nodes,
+        f"mixbct_jax_{arch}",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, input_size, input_size])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", embedding_size])],
-        inits)
+        inits,
+    )
     model = helper.make_model(graph, producer_name="mixbct-jax", opset_imports=[helper.make_opsetid("", opset)])
     onnx.checker.check_model(model)
     return model
 
 
-def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
-                arch: str | None = None):
+def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None, arch: str | None = None):
     """Writes the backbone of the run in ``run_dir`` as an ONNX file ``out`` (atomically); returns the model."""
     config, variables = checkpoint.load_params(run_dir, step)
     m = config.model
     if arch is not None and arch != m.arch:
-        raise ValueError(f"--arch {arch} does not match {run_dir}/config.json model.arch={m.arch!r}; drop --arch "
-                         f"or pick the right run")
+        raise ValueError(
+            f"--arch {arch} does not match {run_dir}/config.json model.arch={m.arch!r}; drop --arch "
+            f"or pick the right run"
+        )
     model = flax_to_onnx(variables, m.arch, m.embedding_size, m.input_size, m.get("width", 1.0))
     convert.check_out_file(out)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: pathlib.Path(tmp).write_bytes(model.SerializeToString()))
-    print(f"exported {run_dir} ({m.arch}, D={m.embedding_size}) -> {out} (input {INPUT_NAME} "
-          f"[N, 3, {m.input_size}, {m.input_size}] scaled to [-1, 1], output {OUTPUT_NAME} [N, {m.embedding_size}])")
+    print(
+        f"exported {run_dir} ({m.arch}, D={m.embedding_size}) -> {out} (input {INPUT_NAME} "
+        f"[N, 3, {m.input_size}, {m.input_size}] scaled to [-1, 1], output {OUTPUT_NAME} [N, {m.embedding_size}])"
+    )
     return model

@@ -32,8 +32,9 @@ def poly_schedule(*, base_lr: float, total_steps: int, warmup_steps: int, power:
     return schedule
 
 
-def step_schedule(*, base_lr: float, steps_per_epoch: int, decay_epochs: tuple[int, ...],
-                  factor: float = 0.1) -> optax.Schedule:
+def step_schedule(
+    *, base_lr: float, steps_per_epoch: int, decay_epochs: tuple[int, ...], factor: float = 0.1
+) -> optax.Schedule:
     """UniBCT's StepLR: ``base * factor ** #{e in decay_epochs : e <= epoch}``, constant within an epoch."""
     boundaries = {int(e) * steps_per_epoch: factor for e in decay_epochs}
     return optax.piecewise_constant_schedule(base_lr, boundaries)
@@ -41,8 +42,12 @@ def step_schedule(*, base_lr: float, steps_per_epoch: int, decay_epochs: tuple[i
 
 def make_schedule(optim, *, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
     if optim.schedule == "poly":
-        return poly_schedule(base_lr=optim.lr, total_steps=total_steps, power=optim.power,
-                             warmup_steps=int(round(optim.warmup_epochs * steps_per_epoch)))
+        return poly_schedule(
+            base_lr=optim.lr,
+            total_steps=total_steps,
+            power=optim.power,
+            warmup_steps=int(round(optim.warmup_epochs * steps_per_epoch)),
+        )
     if optim.schedule == "step":
         return step_schedule(base_lr=optim.lr, steps_per_epoch=steps_per_epoch, decay_epochs=tuple(optim.decay_epochs))
     raise ValueError(f"config.optim.schedule={optim.schedule!r}: choose 'poly' or 'step'")
@@ -50,7 +55,6 @@ def make_schedule(optim, *, total_steps: int, steps_per_epoch: int) -> optax.Sch
 
 def param_groups(params: PyTree) -> PyTree:
     """'head' for the sharded class centres, 'backbone' for everything else (clipped)."""
-
     return jax.tree_util.tree_map_with_path(lambda path, _: "head" if is_centres(path) else "backbone", params)
 
 
@@ -63,4 +67,3 @@ def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformat
         return optax.chain(*parts)
 
     return optax.multi_transform({"backbone": group(True), "head": group(False)}, param_groups)
-

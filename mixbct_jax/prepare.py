@@ -1,8 +1,8 @@
 """Command line for the old-embedding statistics of ``mixbct_jax.data.old_stats`` (docs/methods.md)::
 
-    python -m mixbct_jax.prepare denoise     --features F.npy --labels L.npy --keep 0.9 --out credible.npy
-    python -m mixbct_jax.prepare class-means --features F.npy --labels L.npy --out prototypes.npy
-    python -m mixbct_jax.prepare advbct-meta --features F.npy --labels L.npy --out meta.npz
+python -m mixbct_jax.prepare denoise     --features F.npy --labels L.npy --keep 0.9 --out credible.npy
+python -m mixbct_jax.prepare class-means --features F.npy --labels L.npy --out prototypes.npy
+python -m mixbct_jax.prepare advbct-meta --features F.npy --labels L.npy --out meta.npz
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mixbct_jax.data.old_stats import DEFAULT_CHUNK_ROWS, advbct_meta, class_mea
 from mixbct_jax.files import atomic_write
 
 __all__ = ["advbct_meta", "class_means", "denoise", "main"]
+
 
 # ------------------------------------------------------------------------------------------------
 # Command line.
@@ -65,8 +66,7 @@ def _load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise _fail(
             args.command,
-            f"{args.labels} must hold a 1-D integer array [N]; it holds shape {labels.shape} "
-            f"dtype {labels.dtype}",
+            f"{args.labels} must hold a 1-D integer array [N]; it holds shape {labels.shape} dtype {labels.dtype}",
         )
     if labels.shape[0] != features.shape[0]:
         raise _fail(
@@ -126,15 +126,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.monotonic()
     try:
         if args.command == "denoise":
-            mask = denoise(
-                features, labels, keep=args.keep, group_by_label=args.group_by_label, **common
-            )
+            mask = denoise(features, labels, keep=args.keep, group_by_label=args.group_by_label, **common)
             _save_atomic(args.out, lambda f: np.save(f, mask))
             summary = f"{int(mask.sum()):,} of {mask.size:,} rows credible"
         elif args.command == "class-means":
-            means = class_means(
-                features, labels, args.num_classes, normalize=not args.no_normalize, **common
-            )
+            means = class_means(features, labels, args.num_classes, normalize=not args.no_normalize, **common)
             _save_atomic(args.out, lambda f: np.save(f, means))
             summary = f"{means.shape[0]:,} class means of dimension {means.shape[1]}"
         else:

@@ -79,7 +79,5 @@ class Progress:
         else:
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
             tail = f"ETA {_clock(eta) if eta == eta else '?'}"
-        self.stream.write(
-            f"{self.desc}: {self.done}/{self.total} ({pct:5.1f}%) {rate:,.1f} {self.unit}/s {tail}\n"
-        )
+        self.stream.write(f"{self.desc}: {self.done}/{self.total} ({pct:5.1f}%) {rate:,.1f} {self.unit}/s {tail}\n")
         self.stream.flush()

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mixbct_jax import bct, models, optim
 from mixbct_jax.aliases import PyTree
@@ -38,8 +40,9 @@ from mixbct_jax.heads import sharded_fc, softmax
 # ---------------------------------------------------------------------------------------------------------------
 # Devices
 # ---------------------------------------------------------------------------------------------------------------
-def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+def maybe_initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """Joins a multi-process run when a coordinator is given (flags or JAX_COORDINATOR_ADDRESS etc.).
 
     On Cloud TPU pods and SLURM, ``MIXBCT_DISTRIBUTED=auto`` calls ``jax.distributed.initialize()`` with no
@@ -59,12 +62,15 @@ def make_mesh(config) -> Mesh:
     devices = jax.devices()
     if config.num_devices > 0:
         if jax.process_count() > 1 or config.num_devices > len(devices):
-            raise ValueError(f"config.num_devices={config.num_devices}: choose at most {len(devices)} devices, and "
-                             f"only in a single-process run")
-        devices = devices[:config.num_devices]
+            raise ValueError(
+                f"config.num_devices={config.num_devices}: choose at most {len(devices)} devices, and "
+                f"only in a single-process run"
+            )
+        devices = devices[: config.num_devices]
     if config.data.global_batch % len(devices):
-        raise ValueError(f"config.data.global_batch={config.data.global_batch} must be divisible by the "
-                         f"{len(devices)} devices")
+        raise ValueError(
+            f"config.data.global_batch={config.data.global_batch} must be divisible by the {len(devices)} devices"
+        )
     return Mesh(np.array(devices), (AXIS,))
 
 
@@ -75,8 +81,16 @@ def is_margin_head(config) -> bool:
     return config.head.type != "softmax"
 
 
-def init_state(config, model: nn.Module, method: Method, tx: optax.GradientTransformation, *,
-               key: jax.Array, num_classes: int, num_shards: int) -> dict[str, PyTree]:
+def init_state(
+    config,
+    model: nn.Module,
+    method: Method,
+    tx: optax.GradientTransformation,
+    *,
+    key: jax.Array,
+    num_classes: int,
+    num_shards: int,
+) -> dict[str, PyTree]:
     """The train state as a plain dict of global arrays (centres padded to a multiple of ``num_shards``)."""
     k_model, k_head, k_method = jax.random.split(key, 3)
     size = config.model.input_size
@@ -89,8 +103,9 @@ def init_state(config, model: nn.Module, method: Method, tx: optax.GradientTrans
         head = softmax.init(k_head, d, num_classes)
     method_params, method_state = {}, {}
     if method.init is not None:
-        method_params, method_state = method.init(k_method, config=config, embedding_size=d, num_classes=num_classes,
-                                                  num_shards=num_shards)
+        method_params, method_state = method.init(
+            k_method, config=config, embedding_size=d, num_classes=num_classes, num_shards=num_shards
+        )
     params = {"backbone": variables["params"], "head": head, "method": method_params}
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -103,7 +118,8 @@ def init_state(config, model: nn.Module, method: Method, tx: optax.GradientTrans
 
 def state_specs(state: PyTree, method: Method) -> PyTree:
     """PartitionSpecs: centres (and their optimizer slots) and the method's ``class_sharded_state`` split by rows
-    over the axis, the rest replicated."""
+    over the axis, the rest replicated.
+    """
     specs = jax.tree_util.tree_map_with_path(lambda path, _: P(AXIS) if sharded_fc.is_centres(path) else P(), state)
     return {**specs, "method_state": method.state_specs(state["method_state"])}
 
@@ -111,9 +127,18 @@ def state_specs(state: PyTree, method: Method) -> PyTree:
 # ---------------------------------------------------------------------------------------------------------------
 # The per-device program
 # ---------------------------------------------------------------------------------------------------------------
-def _make_body(config, model: nn.Module, method: Method, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, *, num_classes: int, global_batch: int, steps_per_epoch: int,
-               total_steps: int) -> Callable:
+def _make_body(
+    config,
+    model: nn.Module,
+    method: Method,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    num_classes: int,
+    global_batch: int,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> Callable:
     """Builds ``body(state, batch, key, consts) -> (state, metrics)``, one device's step with axis ``'data'``.
 
     ``consts`` holds the method's frozen device arrays (e.g. BCT's class prototypes, row-sharded like the
@@ -132,14 +157,29 @@ def _make_body(config, model: nn.Module, method: Method, tx: optax.GradientTrans
         def loss_fn(params):
             # The backbone's own randomness (ViT token masking, drop path) gets a key folded from this device's
             # step key, so the split below (and every method's numbers) stays as it was.
-            emb, mutated = model.apply({"params": params["backbone"], "batch_stats": state["batch_stats"]}, images,
-                                       train=True, mutable=["batch_stats"],
-                                       rngs={"dropout": jax.random.fold_in(rng, 1)})
+            emb, mutated = model.apply(
+                {"params": params["backbone"], "batch_stats": state["batch_stats"]},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.fold_in(rng, 1)},
+            )
             emb = emb.astype(jnp.float32)  # [b, D]
-            ctx = StepContext(config=config, embeddings=emb, labels=labels, batch=batch, params=params["method"],
-                              state=state["method_state"], consts=consts, centres=params["head"].get("centres"),
-                              key=k_method, step=step, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                              total_steps=total_steps)
+            ctx = StepContext(
+                config=config,
+                embeddings=emb,
+                labels=labels,
+                batch=batch,
+                params=params["method"],
+                state=state["method_state"],
+                consts=consts,
+                centres=params["head"].get("centres"),
+                key=k_method,
+                step=step,
+                global_batch=global_batch,
+                steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps,
+            )
             metrics = {}
             emb_head = emb
             if method.before_head is not None:
@@ -147,8 +187,15 @@ def _make_body(config, model: nn.Module, method: Method, tx: optax.GradientTrans
                 metrics.update(m)
             if margin_head:
                 per_example, _ = sharded_fc.margin_softmax_loss(
-                    emb_head, labels, params["head"]["centres"], axis_name=AXIS, num_classes=num_classes,
-                    head=config.head, key=k_head, compute_dtype=compute_dtype)
+                    emb_head,
+                    labels,
+                    params["head"]["centres"],
+                    axis_name=AXIS,
+                    num_classes=num_classes,
+                    head=config.head,
+                    key=k_head,
+                    compute_dtype=compute_dtype,
+                )
                 cls_share = jnp.mean(per_example)  # already the global mean, identical on every device
                 cls_report = cls_share
             else:
@@ -162,10 +209,12 @@ def _make_body(config, model: nn.Module, method: Method, tx: optax.GradientTrans
             return cls_share + extra_share, aux
 
         grads, (batch_stats, method_state, cls_loss, extra_share, metrics) = jax.grad(loss_fn, has_aux=True)(
-            state["params"])
+            state["params"]
+        )
         # Replicated parameters: sum the per-device shares. Centres: the local gradient is already complete.
         grads = jax.tree_util.tree_map_with_path(
-            lambda p, g: g if sharded_fc.is_centres(p) else jax.lax.psum(g, AXIS), grads)
+            lambda p, g: g if sharded_fc.is_centres(p) else jax.lax.psum(g, AXIS), grads
+        )
         backbone_norm = optax.global_norm(grads["backbone"])
         extra_loss_value = jax.lax.psum(extra_share, AXIS)
         loss = cls_loss + extra_loss_value
@@ -185,8 +234,14 @@ def _make_body(config, model: nn.Module, method: Method, tx: optax.GradientTrans
             "opt_state": keep_if_finite(opt_state, state["opt_state"]),
             "method_state": keep_if_finite(method_state, state["method_state"]),
         }
-        out = {"loss": loss, "cls_loss": cls_loss, "extra_loss": extra_loss_value, "lr": schedule(step),
-               "grad_norm": backbone_norm, "finite": finite.astype(jnp.float32)}
+        out = {
+            "loss": loss,
+            "cls_loss": cls_loss,
+            "extra_loss": extra_loss_value,
+            "lr": schedule(step),
+            "grad_norm": backbone_norm,
+            "finite": finite.astype(jnp.float32),
+        }
         out.update(metrics)  # the method's metrics are already global values
         return new_state, out
 
@@ -232,8 +287,9 @@ class TrainStep:
     def abstract_state(self) -> PyTree:
         """The global state's shapes, dtypes and shardings (what a checkpoint restore fills)."""
         shapes = jax.eval_shape(self.init_fn, jax.random.key(0))
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                            self.state_shardings())
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.state_shardings()
+        )
 
     def init(self, key: jax.Array) -> PyTree:
         """The initial global state, computed under jit and laid out with the state's shardings."""
@@ -258,7 +314,9 @@ class TrainStep:
             return state
         return jax.tree.map(
             lambda x, s: np.asarray(x).reshape((-1,) + x.shape[2:]) if s == P(AXIS) else np.asarray(x[0]),
-            state, self.specs)
+            state,
+            self.specs,
+        )
 
     def class_rows(self) -> int:
         """Rows of the class-major tables: the centres' padded row count, or C with the softmax head."""
@@ -269,9 +327,10 @@ class TrainStep:
     def pad_consts(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The method's consts tables [C, ...] zero-padded to ``class_rows()`` rows (host arrays)."""
         rows = self.class_rows()
-        return {name: np.concatenate([np.asarray(t, np.float32),
-                                      np.zeros((rows - t.shape[0],) + t.shape[1:], np.float32)])
-                for name, t in tables.items()}
+        return {
+            name: np.concatenate([np.asarray(t, np.float32), np.zeros((rows - t.shape[0],) + t.shape[1:], np.float32)])
+            for name, t in tables.items()
+        }
 
     def consts_to_device(self, consts: PyTree) -> PyTree:
         """Padded consts tables -> the step's layout, row-sharded like the centres."""
@@ -300,12 +359,14 @@ class TrainStep:
 def _parallelize(body: Callable, specs: PyTree, const_specs: PyTree, *, mesh: Mesh, mode: str) -> Callable:
     """Wraps ``body`` for ``mode`` ('shard_map' or 'pmap'); the state is donated."""
     if mode == "shard_map":
-        mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(AXIS), P(), const_specs), out_specs=(specs, P()),
-                               check_vma=False)
+        mapped = jax.shard_map(
+            body, mesh=mesh, in_specs=(specs, P(AXIS), P(), const_specs), out_specs=(specs, P()), check_vma=False
+        )
         return jax.jit(mapped, donate_argnums=0)
     if mode == "pmap":
-        pmapped = jax.pmap(body, axis_name=AXIS, in_axes=(0, 0, None, 0), donate_argnums=0,
-                           devices=list(mesh.devices.flat))
+        pmapped = jax.pmap(
+            body, axis_name=AXIS, in_axes=(0, 0, None, 0), donate_argnums=0, devices=list(mesh.devices.flat)
+        )
 
         def step(state, batch, key, consts):
             new_state, metrics = pmapped(state, batch, key, consts)
@@ -315,8 +376,15 @@ def _parallelize(body: Callable, specs: PyTree, const_specs: PyTree, *, mesh: Me
     raise ValueError(f"config.parallel={mode!r}: choose 'shard_map' or 'pmap'")
 
 
-def build(config, *, num_classes: int, steps_per_epoch: int, total_steps: int, mesh: Mesh | None = None,
-          model: nn.Module | None = None) -> TrainStep:
+def build(
+    config,
+    *,
+    num_classes: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    mesh: Mesh | None = None,
+    model: nn.Module | None = None,
+) -> TrainStep:
     """The train step of ``config`` (its model, ``config.bct.method``, optimizer and ``config.parallel``).
 
     Args:
@@ -337,9 +405,29 @@ def build(config, *, num_classes: int, steps_per_epoch: int, total_steps: int, m
 
     specs = state_specs(jax.eval_shape(init_fn, jax.random.key(0)), method)
     const_specs = {name: P(AXIS) for name in method.consts}  # class tables, row-sharded like the centres
-    body = _make_body(config, model, method, tx, schedule, num_classes=num_classes,
-                      global_batch=config.data.global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    body = _make_body(
+        config,
+        model,
+        method,
+        tx,
+        schedule,
+        num_classes=num_classes,
+        global_batch=config.data.global_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
     step = _parallelize(body, specs, const_specs, mesh=mesh, mode=config.parallel)
-    return TrainStep(config=config, model=model, method=method, tx=tx, schedule=schedule, mesh=mesh,
-                     mode=config.parallel, num_classes=num_classes, step=step, specs=specs, const_specs=const_specs,
-                     init_fn=init_fn)
+    return TrainStep(
+        config=config,
+        model=model,
+        method=method,
+        tx=tx,
+        schedule=schedule,
+        mesh=mesh,
+        mode=config.parallel,
+        num_classes=num_classes,
+        step=step,
+        specs=specs,
+        const_specs=const_specs,
+        init_fn=init_fn,
+    )

@@ -21,10 +21,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from mixbct_jax import checkpoint, cli, config as config_lib, guard, method_host, metrics_writer, progress
+from mixbct_jax import checkpoint, cli, guard, method_host, metrics_writer, progress
+from mixbct_jax import config as config_lib
 from mixbct_jax import step as step_lib
 from mixbct_jax.nonfinite import NonFiniteLossError, SkipCounter  # noqa: F401 (NonFiniteLossError: re-exported)
-
 
 _HELP = """usage: python -m mixbct_jax.train --config CONFIG[:ARG] --workdir DIR [--config.FIELD=VALUE ...]
 
@@ -51,8 +51,10 @@ def resolve_steps(config, num_examples: int) -> tuple[int, int]:
     """(steps per epoch, total steps): epochs are resolved once here and never written back."""
     spe = num_examples // config.data.global_batch
     if spe == 0:
-        raise ValueError(f"config.data.global_batch={config.data.global_batch} exceeds the {num_examples} training "
-                         f"examples; lower the batch or use more data.")
+        raise ValueError(
+            f"config.data.global_batch={config.data.global_batch} exceeds the {num_examples} training "
+            f"examples; lower the batch or use more data."
+        )
     total = config.total_steps if config.total_steps > 0 else int(round(config.optim.num_epochs * spe))
     return spe, total
 
@@ -89,8 +91,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
     mesh = step_lib.make_mesh(config)
     source, subset, num_classes = _data(config)
     steps_per_epoch, total_steps = resolve_steps(config, len(subset))
-    ts = step_lib.build(config, num_classes=num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                        mesh=mesh)
+    ts = step_lib.build(
+        config, num_classes=num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps, mesh=mesh
+    )
     host = method_host.MethodHost(config, ts, subset, workdir)
 
     # --------------------------------------------------------------------------------------------------- state
@@ -99,15 +102,23 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
 
     def data_state(step: int) -> dict[str, Any]:
         return pipeline.data_state(
-            step=step, seed=config.seed, global_batch=config.data.global_batch, num_examples=len(subset),
-            flip=config.data.flip, process_count=jax.process_count(), source=config.data.source,
-            subset=f"{config.data.scenario}/{config.data.role}/{config.data.split_ratio}")
+            step=step,
+            seed=config.seed,
+            global_batch=config.data.global_batch,
+            num_examples=len(subset),
+            flip=config.data.flip,
+            process_count=jax.process_count(),
+            source=config.data.source,
+            subset=f"{config.data.scenario}/{config.data.role}/{config.data.split_ratio}",
+        )
 
     start_step, state = _restore_or_init(config, workdir, ts, mngr, changes, data_state, init_key)
     if start_step == 0:
-        _log(f"new run in {workdir}: {len(subset)} examples, {num_classes} classes, {steps_per_epoch} steps/epoch, "
-             f"{total_steps} steps, {ts.num_devices} devices ({mesh.devices.flat[0].platform}), method "
-             f"{config.bct.method}")
+        _log(
+            f"new run in {workdir}: {len(subset)} examples, {num_classes} classes, {steps_per_epoch} steps/epoch, "
+            f"{total_steps} steps, {ts.num_devices} devices ({mesh.devices.flat[0].platform}), method "
+            f"{config.bct.method}"
+        )
     elif start_step >= total_steps:
         _log(f"{workdir} is finished (step {start_step}/{total_steps}); nothing to train")
     else:
@@ -115,11 +126,19 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
 
     # ---------------------------------------------------------------------------------------------------- loop
     batches = pipeline.train_batches(
-        source, subset, global_batch=config.data.global_batch, seed=config.seed, start_step=start_step,
-        flip=config.data.flip, process_index=jax.process_index(), process_count=jax.process_count(),
-        threads=None if config.data.threads < 0 else config.data.threads)
-    writer = metrics_writer.MetricsWriter(workdir, start_step=start_step, enabled=jax.process_index() == 0,
-                                          tensorboard=config.tensorboard)
+        source,
+        subset,
+        global_batch=config.data.global_batch,
+        seed=config.seed,
+        start_step=start_step,
+        flip=config.data.flip,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        threads=None if config.data.threads < 0 else config.data.threads,
+    )
+    writer = metrics_writer.MetricsWriter(
+        workdir, start_step=start_step, enabled=jax.process_index() == 0, tensorboard=config.tensorboard
+    )
     skips = SkipCounter(start_step, config.max_consecutive_nonfinite, workdir, mngr)
     periodic = evaluate.PeriodicEval(config)
     last: dict[str, Any] = {}
@@ -128,9 +147,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
 
     def save(step: int) -> None:
         host_state = ts.host_state(state)
-        checkpoint.save(mngr, step, state=host_state,
-                        model=checkpoint.model_variables(host_state["params"]["backbone"], host_state["batch_stats"]),
-                        data=data_state(step))
+        checkpoint.save(
+            mngr,
+            step,
+            state=host_state,
+            model=checkpoint.model_variables(host_state["params"]["backbone"], host_state["batch_stats"]),
+            data=data_state(step),
+        )
 
     try:
         for step in range(start_step, total_steps):
@@ -149,16 +172,28 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
                 rate = (done - n0) / max(time.time() - t0, 1e-9)  # steps/s since the first (compiling) step
                 last.update(epoch=done / steps_per_epoch, img_per_s=rate * config.data.global_batch)
                 last = writer.write(done, last)
-                speed = f"{last['img_per_s']:.0f} img/s ETA {progress.format_eta((total_steps - done) / rate)}" if rate else ""
-                _log(f"step {done}/{total_steps} ep {done / steps_per_epoch:.2f} loss {last['loss']:.4f} "
-                     f"lr {last['lr']:.5f} {speed}")
+                speed = (
+                    f"{last['img_per_s']:.0f} img/s ETA {progress.format_eta((total_steps - done) / rate)}"
+                    if rate
+                    else ""
+                )
+                _log(
+                    f"step {done}/{total_steps} ep {done / steps_per_epoch:.2f} loss {last['loss']:.4f} "
+                    f"lr {last['lr']:.5f} {speed}"
+                )
             if done % config.checkpoint.every_steps == 0 or done == total_steps:
                 if skips.safe_to_save(done, final=done == total_steps, log=_log):
                     save(done)
             if config.evals.every_steps > 0 and done % config.evals.every_steps == 0 and done < total_steps:
                 record = writer.write(done, periodic.evaluate(ts.model_variables(state), done))
-                _log(f"step {done} eval: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
-                                                      if k.endswith(("top1", "mAP", "accuracy"))))
+                _log(
+                    f"step {done} eval: "
+                    + " ".join(
+                        f"{k.split('/', 1)[1]} {v:.4f}"
+                        for k, v in record.items()
+                        if k.endswith(("top1", "mAP", "accuracy"))
+                    )
+                )
     finally:
         batches.close()  # stops the input worker processes
         mngr.wait_until_finished()
@@ -179,8 +214,10 @@ def _data(config):
     source = sources.open_source(config.data.source)
     subset = splits.scenario(config.data.scenario, source.labels, config.data.split_ratio)[config.data.role]
     if tuple(source.image_shape[:2]) != (config.model.input_size,) * 2:
-        raise ValueError(f"config.data.source={config.data.source!r} has {source.image_shape[:2]} images but "
-                         f"config.model.input_size={config.model.input_size}; make them agree.")
+        raise ValueError(
+            f"config.data.source={config.data.source!r} has {source.image_shape[:2]} images but "
+            f"config.model.input_size={config.model.input_size}; make them agree."
+        )
     return source, subset, config.model.num_classes if config.model.num_classes > 0 else subset.num_classes
 
 
@@ -209,9 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     from ml_collections import config_flags
 
     argv = config_lib.resolve_argv(list(sys.argv[1:] if argv is None else argv))  # names -> shipped configs
-    config_flags.DEFINE_config_file("config", None, "A configs/<name>.py[:arg] file, or a shipped config's name "
-                                    "(quickstart[:arg]); `python -m mixbct_jax.config --show NAME` lists its "
-                                    "arguments and fields.", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "A configs/<name>.py[:arg] file, or a shipped config's name "
+        "(quickstart[:arg]); `python -m mixbct_jax.config --show NAME` lists its "
+        "arguments and fields.",
+        lock_config=True,
+    )
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json, metrics.jsonl).")
     flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process run.")
     flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -220,8 +262,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(_):
         from absl import logging
+
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-        step_lib.maybe_initialize_distributed(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+        step_lib.maybe_initialize_distributed(
+            flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id
+        )
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
     if "--helpfull" in argv:  # absl's full listing (every library's flags); it exits 1 by absl's convention

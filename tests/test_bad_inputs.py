@@ -31,16 +31,40 @@ def quickstart(**overrides):
 # ------------------------------------------------------------------------------------------------ config values
 
 
-@pytest.mark.parametrize("field,value", [
-    ("bct.mix_ratio", 1.5), ("bct.mix_ratio", -0.2), ("checkpoint.every_steps", 0), ("log_every_steps", 0),
-    ("checkpoint.keep", 0), ("optim.lr", 0.0), ("optim.lr", float("nan")), ("optim.momentum", 1.0),
-    ("data.global_batch", 0), ("data.split_ratio", 1.0), ("data.scenario", "opclas"), ("data.role", "both"),
-    ("model.arch", "r9"), ("model.dtype", "float16"), ("model.embedding_size", 0), ("model.width", 0.0),
-    ("head.type", "arc"), ("head.sample_rate", 0.0), ("head.scale", -1.0), ("bct.method", "mixbc"),
-    ("total_steps", 0), ("num_devices", 0), ("evals.every_steps", -1), ("evals.batch_size", 0),
-    ("max_consecutive_nonfinite", 0), ("old.finite_check", "none"), ("parallel", "pjit"),
-    ("optim.schedule", "cosine"), ("model.num_classes", 0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("bct.mix_ratio", 1.5),
+        ("bct.mix_ratio", -0.2),
+        ("checkpoint.every_steps", 0),
+        ("log_every_steps", 0),
+        ("checkpoint.keep", 0),
+        ("optim.lr", 0.0),
+        ("optim.lr", float("nan")),
+        ("optim.momentum", 1.0),
+        ("data.global_batch", 0),
+        ("data.split_ratio", 1.0),
+        ("data.scenario", "opclas"),
+        ("data.role", "both"),
+        ("model.arch", "r9"),
+        ("model.dtype", "float16"),
+        ("model.embedding_size", 0),
+        ("model.width", 0.0),
+        ("head.type", "arc"),
+        ("head.sample_rate", 0.0),
+        ("head.scale", -1.0),
+        ("bct.method", "mixbc"),
+        ("total_steps", 0),
+        ("num_devices", 0),
+        ("evals.every_steps", -1),
+        ("evals.batch_size", 0),
+        ("max_consecutive_nonfinite", 0),
+        ("old.finite_check", "none"),
+        ("parallel", "pjit"),
+        ("optim.schedule", "cosine"),
+        ("model.num_classes", 0),
+    ],
+)
 def test_a_bad_config_value_is_one_line_naming_the_field(field, value):
     with pytest.raises(config_lib.ConfigError) as err:
         config_lib.validate(quickstart(**{field: value}))
@@ -92,8 +116,12 @@ def test_a_nan_row_outside_the_sample_is_found_by_the_default_full_check(tmp_pat
 
 def test_metrics_keep_each_step_once_on_resume_and_on_read(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    lines = [{"step": 2, "loss": 3.0, "lr": 0.1}, {"step": 4, "loss": 2.0, "lr": 0.1},
-             {"step": 4, "eval/new/new/top1": 0.5}, {"step": 6, "loss": 1.0, "lr": 0.1}]
+    lines = [
+        {"step": 2, "loss": 3.0, "lr": 0.1},
+        {"step": 4, "loss": 2.0, "lr": 0.1},
+        {"step": 4, "eval/new/new/top1": 0.5},
+        {"step": 6, "loss": 1.0, "lr": 0.1},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "lo')  # torn last line
     assert guard.truncate_metrics(path, 4) == 2
     assert [json.loads(s)["step"] for s in path.read_text().splitlines()] == [2, 4, 4]
@@ -128,8 +156,9 @@ def test_folds_with_one_kind_of_pair_are_warned_and_marked_in_the_report(tmp_pat
     interleaved = np.tile([True, False], 100)
     assert verification.single_kind_folds(interleaved) == []
     res["xnorm"] = 1.0  # evaluate_bin adds the mean feature norm
-    report.write_report({"protocols": {"bin:lfw": {"protocol": "bin", "data": "lfw.bin", "rows": {"new/new": res}}}},
-                        tmp_path)
+    report.write_report(
+        {"protocols": {"bin:lfw": {"protocol": "bin", "data": "lfw.bin", "rows": {"new/new": res}}}}, tmp_path
+    )
     assert "10 of the folds hold only one kind of pair" in (tmp_path / "report.md").read_text()
 
 
@@ -202,34 +231,124 @@ def files(tmp_path_factory):
 
 
 CLI_CASES = {
-    "train_missing_config": (["mixbct_jax.train", "--config", "configs/config.py", "--workdir", "{d}/w"],
-                             "config 'configs/config.py' is neither a file nor a shipped config"),
-    "train_mix_ratio": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal", "--workdir", "{d}/w",
-                         "--config.bct.mix_ratio=1.5"], "config.bct.mix_ratio=1.5: must be in [0, 1]"),
-    "train_unknown_field": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal", "--workdir", "{d}/w",
-                             "--config.optim.lrr=0.1"], "--config.optim.lrr: 'lrr' is not a config field"),
-    "train_value_of_the_wrong_type": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal",
-                                       "--workdir", "{d}/w", "--config.bct.mix_ratio=abc"],
-                                      "--config.bct.mix_ratio=abc: could not convert"),
-    "train_unknown_config_argument": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal,rolee=new",
-                                       "--workdir", "{d}/w"], "config argument 'rolee' is unknown"),
-    "train_zero_frequency": (["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal", "--workdir",
-                              "{d}/w", "--config.checkpoint.every_steps=0"], "config.checkpoint.every_steps=0"),
+    "train_missing_config": (
+        ["mixbct_jax.train", "--config", "configs/config.py", "--workdir", "{d}/w"],
+        "config 'configs/config.py' is neither a file nor a shipped config",
+    ),
+    "train_mix_ratio": (
+        [
+            "mixbct_jax.train",
+            "--config",
+            "configs/quickstart.py:runlocal",
+            "--workdir",
+            "{d}/w",
+            "--config.bct.mix_ratio=1.5",
+        ],
+        "config.bct.mix_ratio=1.5: must be in [0, 1]",
+    ),
+    "train_unknown_field": (
+        [
+            "mixbct_jax.train",
+            "--config",
+            "configs/quickstart.py:runlocal",
+            "--workdir",
+            "{d}/w",
+            "--config.optim.lrr=0.1",
+        ],
+        "--config.optim.lrr: 'lrr' is not a config field",
+    ),
+    "train_value_of_the_wrong_type": (
+        [
+            "mixbct_jax.train",
+            "--config",
+            "configs/quickstart.py:runlocal",
+            "--workdir",
+            "{d}/w",
+            "--config.bct.mix_ratio=abc",
+        ],
+        "--config.bct.mix_ratio=abc: could not convert",
+    ),
+    "train_unknown_config_argument": (
+        ["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal,rolee=new", "--workdir", "{d}/w"],
+        "config argument 'rolee' is unknown",
+    ),
+    "train_zero_frequency": (
+        [
+            "mixbct_jax.train",
+            "--config",
+            "configs/quickstart.py:runlocal",
+            "--workdir",
+            "{d}/w",
+            "--config.checkpoint.every_steps=0",
+        ],
+        "config.checkpoint.every_steps=0",
+    ),
     "train_new_model_into_old_workdir": (
-        ["mixbct_jax.train", "--config", "configs/quickstart.py:runlocal,role=new,method=mixbct", "--workdir",
-         "{d}/finished", "--config.old.features=x.npy"], "holds another run (bct.method: 'none' -> 'mixbct'"),
-    "extract_mismatched_checkpoint": (["mixbct_jax.extract", "--workdir", "{d}/mismatch", "--out", "{d}/emb"],
-                                      "does not match the model its config.json describes"),
-    "evaluate_different_sizes": (["mixbct_jax.evaluate", "--new", "{d}/run64", "--old", "{d}/run32", "--protocol",
-                                  "bin", "--data", "{d}/junk.bin", "--out", "{d}/eval"], "different embedding sizes"),
-    "evaluate_bin_not_a_pickle": (["mixbct_jax.evaluate", "--new", "{d}/run64", "--protocol", "bin", "--data",
-                                   "{d}/junk.bin", "--out", "{d}/eval"], "junk.bin is not a .bin pair set"),
-    "convert_out_is_a_directory": (["mixbct_jax.convert", "--export", "{d}/run64", "--out", "{d}/outdir"],
-                                   "outdir is a directory"),
-    "convert_out_ends_in_a_separator": (["mixbct_jax.convert", "--export", "{d}/run64", "--out", "{d}/newdir/"],
-                                        "newdir/ is a directory"),
-    "prepare_missing_features": (["mixbct_jax.prepare", "denoise", "--features", "{d}/none.npy", "--labels",
-                                  "{d}/none.npy", "--out", "{d}/c.npy"], "none.npy does not exist"),
+        [
+            "mixbct_jax.train",
+            "--config",
+            "configs/quickstart.py:runlocal,role=new,method=mixbct",
+            "--workdir",
+            "{d}/finished",
+            "--config.old.features=x.npy",
+        ],
+        "holds another run (bct.method: 'none' -> 'mixbct'",
+    ),
+    "extract_mismatched_checkpoint": (
+        ["mixbct_jax.extract", "--workdir", "{d}/mismatch", "--out", "{d}/emb"],
+        "does not match the model its config.json describes",
+    ),
+    "evaluate_different_sizes": (
+        [
+            "mixbct_jax.evaluate",
+            "--new",
+            "{d}/run64",
+            "--old",
+            "{d}/run32",
+            "--protocol",
+            "bin",
+            "--data",
+            "{d}/junk.bin",
+            "--out",
+            "{d}/eval",
+        ],
+        "different embedding sizes",
+    ),
+    "evaluate_bin_not_a_pickle": (
+        [
+            "mixbct_jax.evaluate",
+            "--new",
+            "{d}/run64",
+            "--protocol",
+            "bin",
+            "--data",
+            "{d}/junk.bin",
+            "--out",
+            "{d}/eval",
+        ],
+        "junk.bin is not a .bin pair set",
+    ),
+    "convert_out_is_a_directory": (
+        ["mixbct_jax.convert", "--export", "{d}/run64", "--out", "{d}/outdir"],
+        "outdir is a directory",
+    ),
+    "convert_out_ends_in_a_separator": (
+        ["mixbct_jax.convert", "--export", "{d}/run64", "--out", "{d}/newdir/"],
+        "newdir/ is a directory",
+    ),
+    "prepare_missing_features": (
+        [
+            "mixbct_jax.prepare",
+            "denoise",
+            "--features",
+            "{d}/none.npy",
+            "--labels",
+            "{d}/none.npy",
+            "--out",
+            "{d}/c.npy",
+        ],
+        "none.npy does not exist",
+    ),
     "demo_zero_steps": (["mixbct_jax.demo", "--out", "{d}/demo", "--steps", "0"], "--steps must be >= 1, got 0"),
 }
 
@@ -239,8 +358,9 @@ def test_a_command_line_user_error_is_one_line_with_exit_code_2(files, case):
     argv, expected = CLI_CASES[case]
     argv = [a.format(d=files) for a in argv]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     lines = [s for s in out.stderr.splitlines() if s.strip() and not s.startswith(("I0000", "WARNING: All log"))]
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr

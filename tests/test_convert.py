@@ -30,6 +30,7 @@ STAGES = {"r18": (2, 2, 2, 2), "r50": (3, 4, 14, 3)}
 # PyTorch reference models (the reference MixBCT code's backbones/iresnet.py and mobilefacenet.py), insightface module names
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class TorchBasicBlock(tnn.Module):
     def __init__(self, cin: int, planes: int, stride: int):
         super().__init__()
@@ -41,8 +42,9 @@ class TorchBasicBlock(tnn.Module):
         self.bn3 = tnn.BatchNorm2d(planes, eps=1e-5)
         self.downsample = None
         if stride != 1 or cin != planes:
-            self.downsample = tnn.Sequential(tnn.Conv2d(cin, planes, 1, stride, bias=False),
-                                             tnn.BatchNorm2d(planes, eps=1e-5))
+            self.downsample = tnn.Sequential(
+                tnn.Conv2d(cin, planes, 1, stride, bias=False), tnn.BatchNorm2d(planes, eps=1e-5)
+            )
 
     def forward(self, x):
         y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
@@ -103,14 +105,25 @@ class TorchMobileFaceNet(tnn.Module):
     def __init__(self, embedding_size: int):
         super().__init__()
         res = lambda c, n, g: TorchSeq(*[_depthwise(c, c, g, 1, residual=True) for _ in range(n)])  # noqa: E731
-        self.layers = tnn.ModuleList([
-            _block(3, 128, 3, 2, 1), _block(128, 128, 3, 1, 1, 64),
-            _depthwise(128, 128, 128, 2), res(128, 4, 128),
-            _depthwise(128, 256, 256, 2), res(256, 6, 256),
-            _depthwise(256, 256, 512, 2), res(256, 2, 256)])
+        self.layers = tnn.ModuleList(
+            [
+                _block(3, 128, 3, 2, 1),
+                _block(128, 128, 3, 1, 1, 64),
+                _depthwise(128, 128, 128, 2),
+                res(128, 4, 128),
+                _depthwise(128, 256, 256, 2),
+                res(256, 6, 256),
+                _depthwise(256, 256, 512, 2),
+                res(256, 2, 256),
+            ]
+        )
         self.conv_sep = _block(256, 512)
-        self.features = TorchSeq(_block(512, 512, 7, 1, 0, 512, prelu=False), tnn.Flatten(),
-                                 tnn.Linear(512, embedding_size, bias=False), tnn.BatchNorm1d(embedding_size))
+        self.features = TorchSeq(
+            _block(512, 512, 7, 1, 0, 512, prelu=False),
+            tnn.Flatten(),
+            tnn.Linear(512, embedding_size, bias=False),
+            tnn.BatchNorm1d(embedding_size),
+        )
 
     def forward(self, x):
         for layer in self.layers:
@@ -123,6 +136,7 @@ class TorchMobileFaceNet(tnn.Module):
 # running statistics are the batch statistics of a calibration batch (then perturbed), so every BN output is
 # O(1) like in a trained model and the 1e-4 bound is meaningful rather than swamped by exploding activations.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def randomize_torch(model: tnn.Module, seed: int, calib: int = 2) -> tnn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -229,6 +243,7 @@ def r18_file(tmp_path_factory) -> tuple[pathlib.Path, TorchIResNet]:
 # PyTorch -> Flax
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_r18_import_matches_pytorch(r18_file, tmp_path, capsys):
     path, model = r18_file
     out = tmp_path / "old_r18"
@@ -255,7 +270,9 @@ def test_r50_import_matches_pytorch(tmp_path):
     convert.main(["--torch", str(path), "--arch", "r50", "--embedding_size", "512", "--out", str(out)])
     config, variables = checkpoint.load_params(out)
     n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
-    assert n_params + 512 == 43_590_848  # the reference's documented toy example, counting PyTorch's frozen gamma that Flax does not store
+    assert (
+        n_params + 512 == 43_590_848
+    )  # the reference's documented toy example, counting PyTorch's frozen gamma that Flax does not store
     x, xt = images(seed=4)
     net = models.build("r50", embedding_size=512)
     assert_parity(flax_embed(net, variables, x), torch_embed(model, xt), "r50 torch->flax")
@@ -277,6 +294,7 @@ def test_fc_rows_follow_nhwc_flatten():
 # ---------------------------------------------------------------------------------------------------------------
 # Flax -> PyTorch
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_export_loads_strict_into_pytorch(tmp_path):
     net = models.build("r18", embedding_size=64)
@@ -307,15 +325,30 @@ def test_mobilefacenet_round_trip_matches_pytorch():
     jax.tree.map(np.testing.assert_array_equal, back, variables)
 
 
-@pytest.mark.parametrize("arch,millions", [("r18", 24.03), ("r34", 34.14), ("r50", 43.59), ("r100", 65.16),
-                                            ("r200", None), ("mbf", None), ("mbf_large", None)])
+@pytest.mark.parametrize(
+    "arch,millions",
+    [
+        ("r18", 24.03),
+        ("r34", 34.14),
+        ("r50", 43.59),
+        ("r100", 65.16),
+        ("r200", None),
+        ("mbf", None),
+        ("mbf_large", None),
+    ],
+)
 def test_leaf_map_covers_every_arch(arch, millions):
     leaves = convert.leaf_map(arch, 512)  # raises if a Flax variable is unmapped or mapped twice
     keys = [leaf.torch_key for leaf in leaves]
     assert len(keys) == len(set(keys))
-    n = sum(int(np.prod(leaf.torch_shape)) for leaf in leaves
-            if not leaf.torch_key.endswith(("running_mean", "running_var", "num_batches_tracked")))
-    if millions is not None:  # the reference MixBCT code's backbones/iresnet.py parameter counts (D=512, frozen gamma included)
+    n = sum(
+        int(np.prod(leaf.torch_shape))
+        for leaf in leaves
+        if not leaf.torch_key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
+    if (
+        millions is not None
+    ):  # the reference MixBCT code's backbones/iresnet.py parameter counts (D=512, frozen gamma included)
         assert round(n / 1e6, 2) == millions
 
 
@@ -333,6 +366,7 @@ def test_flax_torch_flax_identity(arch):
 # Errors and skipped keys
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_wrong_arch_names_first_mismatching_key(r18_file, tmp_path):
     path, _ = r18_file
     with pytest.raises(ValueError) as e:
@@ -345,15 +379,19 @@ def test_wrong_arch_names_first_mismatching_key(r18_file, tmp_path):
 
 def test_wrong_embedding_size_names_both_shapes(r18_file, tmp_path):
     path, _ = r18_file
-    with pytest.raises(ValueError, match=r"fc\.weight: the checkpoint has shape \(128, 25088\), r18 "
-                                         r"\(embedding_size=256, input_size=112\) expects \(256, 25088\)"
-                                         r".*--embedding_size 128"):
+    with pytest.raises(
+        ValueError,
+        match=r"fc\.weight: the checkpoint has shape \(128, 25088\), r18 "
+        r"\(embedding_size=256, input_size=112\) expects \(256, 25088\)"
+        r".*--embedding_size 128",
+    ):
         convert.main(["--torch", str(path), "--arch", "r18", "--embedding_size", "256", "--out", str(tmp_path / "x")])
 
 
 def test_deeper_checkpoint_lists_unexpected_keys():
-    state = convert.flax_to_torch(jax.tree.map(lambda s: np.zeros(s.shape, np.float32),
-                                               convert.abstract_variables("r34", 16)), "r34")
+    state = convert.flax_to_torch(
+        jax.tree.map(lambda s: np.zeros(s.shape, np.float32), convert.abstract_variables("r34", 16)), "r34"
+    )
     with pytest.raises(ValueError, match=r"Unexpected keys \(\d+\): layer1\.2\.bn1\.weight.*pass --arch r34"):
         convert.torch_to_flax(state, "r18")
 
@@ -361,9 +399,15 @@ def test_deeper_checkpoint_lists_unexpected_keys():
 def test_non_backbone_keys_are_reported_and_skipped(r18_file, tmp_path, capsys):
     path, model = r18_file
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
-    extras = {"cls_fc.weight": torch.zeros(5, 128), "cls_fc.bias": torch.zeros(5), "BCT_FC.weight": torch.zeros(128, 5),
-              "NormFace.weight": torch.zeros(5, 128), "weight": torch.zeros(5, 128),
-              "discriminator.0.weight": torch.zeros(100, 128), "eboundary.w": torch.zeros(5)}
+    extras = {
+        "cls_fc.weight": torch.zeros(5, 128),
+        "cls_fc.bias": torch.zeros(5),
+        "BCT_FC.weight": torch.zeros(128, 5),
+        "NormFace.weight": torch.zeros(5, 128),
+        "weight": torch.zeros(5, 128),
+        "discriminator.0.weight": torch.zeros(100, 128),
+        "eboundary.w": torch.zeros(5),
+    }
     state.update({f"module.{k}": v for k, v in extras.items()})
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict_backbone": state, "global_step": 10}, wrapped)
@@ -397,6 +441,7 @@ def test_unreadable_files_fail_clearly(tmp_path):
 
 def test_package_imports_without_torch():
     code = "import sys; sys.modules['torch'] = None; import mixbct_jax.convert, mixbct_jax.embed"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=pathlib.Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1]
+    )
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,6 @@
 """IJB-B/C: similarity transform, template aggregation, 1:1 and 1:N metrics, and an end-to-end run on an
-IJB-C-layout fixture, each against an independent computation written here."""
+IJB-C-layout fixture, each against an independent computation written here.
+"""
 
 import math
 
@@ -188,9 +189,7 @@ def _write_ijbc(root, rng):
     (meta / "ijbc_name_5pts_score.txt").write_text("\n".join(lmk_lines) + "\n")
 
     templates = sorted({(t, s) for _, t, _, s in info})
-    pairs = [
-        f"{a} {b} {int(sa == sb)}" for i, (a, sa) in enumerate(templates) for b, sb in templates[i + 1 :]
-    ]
+    pairs = [f"{a} {b} {int(sa == sb)}" for i, (a, sa) in enumerate(templates) for b, sb in templates[i + 1 :]]
     (meta / "ijbc_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
 
     def csv_rows(keep):  # one row per image, as the release

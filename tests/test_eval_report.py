@@ -82,8 +82,10 @@ def _write_bin(path, rng, n_pairs=40, size=16):
     images, issame = [], []
     for k in range(n_pairs):
         a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        b = np.clip(a.astype(int) + rng.integers(-10, 11, a.shape), 0, 255).astype(np.uint8) if k % 2 == 0 else (
-            rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        b = (
+            np.clip(a.astype(int) + rng.integers(-10, 11, a.shape), 0, 255).astype(np.uint8)
+            if k % 2 == 0
+            else (rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
         )
         images += [a, b]
         issame.append(k % 2 == 0)
@@ -126,8 +128,24 @@ def test_cli_bin_and_retrieval(tmp_path, fake_modules, capsys):
     images, issame = _write_bin(tmp_path / "lfw.bin", rng)
     out = tmp_path / "eval"
     results = evaluate_mod.main(
-        ["--new", "runs/new", "--old", "runs/old", "--protocol", "bin", "--data", str(tmp_path / "lfw.bin"),
-         "--protocol", "retrieval", "--data", "fake:spec", "--out", str(out), "--batch-size", "8"]
+        [
+            "--new",
+            "runs/new",
+            "--old",
+            "runs/old",
+            "--protocol",
+            "bin",
+            "--data",
+            str(tmp_path / "lfw.bin"),
+            "--protocol",
+            "retrieval",
+            "--data",
+            "fake:spec",
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+        ]
     )
     rows = [("old", "old"), ("new", "new"), ("new", "old")]
     embedders = {"old": models["runs/old"], "new": models["runs/new"]}
@@ -164,11 +182,14 @@ def test_cli_argument_errors(tmp_path):
         evaluate_mod.evaluate(Projection(16, 1), protocols=[("bin", str(tmp_path / "missing.bin"))])
 
 
-@pytest.mark.parametrize("name, short", [
-    ("retrieval:synthetic:num_classes=48,min_images=16,max_images=24,image_size=32,seed=1", "retrieval synthetic"),
-    ("bin:/data/faces/lfw.bin", "bin lfw.bin"),
-    ("retrieval:tfds:cifar100:test,data_dir=/x/tfds,classes=80:100", "retrieval tfds:cifar100:test"),
-    ("ijbc:/data/IJB_release/", "ijbc IJB_release"),
-])
+@pytest.mark.parametrize(
+    "name, short",
+    [
+        ("retrieval:synthetic:num_classes=48,min_images=16,max_images=24,image_size=32,seed=1", "retrieval synthetic"),
+        ("bin:/data/faces/lfw.bin", "bin lfw.bin"),
+        ("retrieval:tfds:cifar100:test,data_dir=/x/tfds,classes=80:100", "retrieval tfds:cifar100:test"),
+        ("ijbc:/data/IJB_release/", "ijbc IJB_release"),
+    ],
+)
 def test_plot_titles_are_short(name, short):
     assert report.short_name(name) == short

@@ -89,9 +89,7 @@ def _reference_evaluate(dist, issame, nfolds, far_target=1e-3):
         t_best = thr_acc[int(np.argmax(acc_train))]
         best.append(t_best)
         acc.append(np.mean((dist[test] < t_best) == issame[test]))
-        far_train = np.array(
-            [np.sum((dist[train] < t) & ~issame[train]) / np.sum(~issame[train]) for t in thr_val]
-        )
+        far_train = np.array([np.sum((dist[train] < t) & ~issame[train]) / np.sum(~issame[train]) for t in thr_val])
         if far_train.max() >= far_target:
             # Old scipy interp1d('slinear') on knots with duplicates: the segment starting at the last knot
             # with far <= target.

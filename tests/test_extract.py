@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from mixbct_jax import checkpoint, config as config_lib, embed, extract, models
+from mixbct_jax import checkpoint, embed, extract, models
+from mixbct_jax import config as config_lib
 from mixbct_jax.data import sources, splits
 
 SOURCE = "synthetic:num_classes=12,min_images=3,max_images=7,image_size=32,seed=5"
@@ -60,8 +61,11 @@ def test_killed_extraction_resumes_where_it_stopped(run_dir, tmp_path, monkeypat
     assert not (tmp_path / "features.npy").exists() and (tmp_path / "features.npy.partial").exists()
     monkeypatch.undo()
     resumed_calls = []
-    monkeypatch.setattr(embed.ModelEmbedder, "__call__",
-                        lambda self, images: resumed_calls.append(len(images)) or original(self, images))
+    monkeypatch.setattr(
+        embed.ModelEmbedder,
+        "__call__",
+        lambda self, images: resumed_calls.append(len(images)) or original(self, images),
+    )
     extract.extract(run_dir, None, tmp_path, batch_size=8)
     embedded_after_resume = sum(resumed_calls)
     monkeypatch.undo()

@@ -67,11 +67,25 @@ def params(workdir):
 def test_kill_9_mid_run_then_rerun_is_bit_identical_and_logs_each_step_once(tmp_path, straight):
     """A trainer killed with SIGKILL right after its first (asynchronous) save starts, leaving its lock behind."""
     workdir = tmp_path / "killed"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [sys.executable, "-m", "mixbct_jax.train", "--config", f"{ROOT}/configs/quickstart.py:runlocal",
-           "--workdir", str(workdir), "--config.total_steps=6", "--config.checkpoint.every_steps=3",
-           "--config.log_every_steps=2"]
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mixbct_jax.train",
+        "--config",
+        f"{ROOT}/configs/quickstart.py:runlocal",
+        "--workdir",
+        str(workdir),
+        "--config.total_steps=6",
+        "--config.checkpoint.every_steps=3",
+        "--config.log_every_steps=2",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     # Kill as soon as step 4 is logged: the async step-3 save may still be in flight, metrics hold step 4.
@@ -101,20 +115,40 @@ def copy_run(straight, tmp_path):
     return workdir
 
 
-@pytest.mark.parametrize("field,value", [
-    ("data.global_batch", 16), ("seed", 1), ("data.role", "new"), ("data.scenario", "opdata"),
-    ("bct.method", "l2"), ("model.embedding_size", 32), ("model.width", 0.5), ("model.arch", "r18"),
-    ("head.type", "cosface"), ("optim.lr", 0.05), ("total_steps", 9), ("optim.schedule", "step"),
-    ("bct.mix_ratio", 0.5), ("old.features", "/x/features.npy"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("data.global_batch", 16),
+        ("seed", 1),
+        ("data.role", "new"),
+        ("data.scenario", "opdata"),
+        ("bct.method", "l2"),
+        ("model.embedding_size", 32),
+        ("model.width", 0.5),
+        ("model.arch", "r18"),
+        ("head.type", "cosface"),
+        ("optim.lr", 0.05),
+        ("total_steps", 9),
+        ("optim.schedule", "step"),
+        ("bct.mix_ratio", 0.5),
+        ("old.features", "/x/features.npy"),
+    ],
+)
 def test_a_changed_config_refuses_to_resume_naming_the_field(straight, field, value):
     before = (straight / "config.json").read_text(), steps_logged(straight)
     with pytest.raises(guard.ResumeError) as err:
         train.train_and_evaluate(quick(6, **{field: value}), straight)
     message = str(err.value)
     assert "\n" not in message and field in message and "--workdir" in message
-    if field in ("model.embedding_size", "model.width", "model.arch", "head.type", "data.role", "data.scenario",
-                 "bct.method"):
+    if field in (
+        "model.embedding_size",
+        "model.width",
+        "model.arch",
+        "head.type",
+        "data.role",
+        "data.scenario",
+        "bct.method",
+    ):
         assert "resume_allow" not in message  # structural: only a new workdir helps
     else:
         assert f"--config.resume_allow={field}" in message
@@ -219,8 +253,16 @@ def _damage(step_dir: pathlib.Path, kind: str) -> None:
         raise AssertionError(kind)
 
 
-DAMAGE = ("truncated_data", "garbage_data", "empty_data", "no_data", "garbage_item_metadata", "truncated_manifest",
-          "no_manifest", "no_state_item")
+DAMAGE = (
+    "truncated_data",
+    "garbage_data",
+    "empty_data",
+    "no_data",
+    "garbage_item_metadata",
+    "truncated_manifest",
+    "no_manifest",
+    "no_state_item",
+)
 
 
 def _tiny_manager(workdir):
@@ -228,11 +270,16 @@ def _tiny_manager(workdir):
     device = jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     for step in (1, 2):
-        state = {"w": jax.device_put(np.full((64, 8), step, np.float32), device), "b": jax.device_put(np.arange(3.0) + step, device)}
+        state = {
+            "w": jax.device_put(np.full((64, 8), step, np.float32), device),
+            "b": jax.device_put(np.arange(3.0) + step, device),
+        }
         checkpoint.save(mngr, step, state=state, model={"params": state["w"]})
     mngr.wait_until_finished()
-    abstract = {"w": jax.ShapeDtypeStruct((64, 8), np.float32, sharding=sharding),
-                "b": jax.ShapeDtypeStruct((3,), np.float64 if jax.config.jax_enable_x64 else np.float32, sharding=sharding)}
+    abstract = {
+        "w": jax.ShapeDtypeStruct((64, 8), np.float32, sharding=sharding),
+        "b": jax.ShapeDtypeStruct((3,), np.float64 if jax.config.jax_enable_x64 else np.float32, sharding=sharding),
+    }
     return mngr, abstract
 
 
@@ -330,7 +377,8 @@ def _skip_steps(monkeypatch, bad_steps):
 
 
 def test_skipped_steps_are_counted_never_checkpointed_and_a_run_ending_on_them_names_the_last_good_one(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     _skip_steps(monkeypatch, bad_steps={2, 5, 6})
     config = quick(6, log_every_steps=1, **{"checkpoint.every_steps": 2})
     with pytest.raises(train.NonFiniteLossError, match=r"last finite step was 4.*last good checkpoint \(step 4\)"):

@@ -35,10 +35,17 @@ def _write_run(folder: pathlib.Path, rows: dict, losses: list[float]) -> None:
 def test_method_table_matches_numpy(fidelity, tmp_path):
     olds, tracks = fidelity.grid("cpu")
     track = tracks["omniglot_arcface"]
-    (tmp_path / "study.json").write_text(json.dumps({
-        "scale": "cpu", "batch": 64, "keep": 0.9,
-        "olds": {k: fidelity.dataclasses.asdict(v) for k, v in olds.items()},
-        "tracks": {track.name: fidelity.dataclasses.asdict(track)}}))
+    (tmp_path / "study.json").write_text(
+        json.dumps(
+            {
+                "scale": "cpu",
+                "batch": 64,
+                "keep": 0.9,
+                "olds": {k: fidelity.dataclasses.asdict(v) for k, v in olds.items()},
+                "tracks": {track.name: fidelity.dataclasses.asdict(track)},
+            }
+        )
+    )
     old_old = {"top1": 0.5, "top5": 0.7, "mAP": 0.30}
     values = {  # method -> per seed (new/new mAP, new/old mAP)
         "none": [(0.40, 0.05), (0.44, 0.03)],
@@ -48,9 +55,15 @@ def test_method_table_matches_numpy(fidelity, tmp_path):
     losses = [20.0, 18.0, 15.0, 12.0, 10.0, 9.0, 8.5, 8.0, 7.9, 7.8]
     for method, seeds in values.items():
         for seed, (nn, no) in enumerate(seeds):
-            _write_run(tmp_path / track.name / f"{method}_s{seed}",
-                       {"old/old": old_old, "new/new": {"top1": nn + 0.1, "top5": 0.9, "mAP": nn},
-                        "new/old": {"top1": no + 0.1, "top5": 0.9, "mAP": no}}, losses)
+            _write_run(
+                tmp_path / track.name / f"{method}_s{seed}",
+                {
+                    "old/old": old_old,
+                    "new/new": {"top1": nn + 0.1, "top5": 0.9, "mAP": nn},
+                    "new/old": {"top1": no + 0.1, "top5": 0.9, "mAP": no},
+                },
+                losses,
+            )
 
     text = fidelity.report(tmp_path)
     summary = json.loads((tmp_path / "report" / "fidelity.json").read_text())["tracks"][track.name]["methods"]
@@ -79,5 +92,9 @@ def test_second_seeds_before_third(fidelity):
     last_second = max(i for i, (_, run) in enumerate(order) if run.endswith("_s1") and not run.startswith("none"))
     first_third = min(i for i, (_, run) in enumerate(order) if run.endswith("_s2"))
     assert last_second < first_third
-    assert {name for name, _ in order} == {"omniglot_arcface_long", "omniglot_softmax_long", "omniglot_arcface_xlong",
-                                           "synthetic_arcface"}
+    assert {name for name, _ in order} == {
+        "omniglot_arcface_long",
+        "omniglot_softmax_long",
+        "omniglot_arcface_xlong",
+        "synthetic_arcface",
+    }

@@ -1,5 +1,6 @@
 """Margin functions against docs/methods.md (the margin head)'s reference values; the inter-class filter and PartialFC sampling of the
-sharded head against NumPy full-softmax references, on 1 and 4 devices."""
+sharded head against NumPy full-softmax references, on 1 and 4 devices.
+"""
 
 import math
 
@@ -31,14 +32,25 @@ def test_arcface_leaves_non_target_and_foreign_rows_unmargined():
 
 def test_cosface_and_combined_margin():
     cos = jnp.array([[0.5, 0.25]])
-    np.testing.assert_allclose(margin.cosface(cos, jnp.array([0]), scale=64, margin=0.4), [[0.1 * 64, 16.0]],
-                               rtol=1e-6)
-    np.testing.assert_allclose(margin.combined_margin(cos, jnp.array([0]), m1=1.0, m2=0.0, m3=0.4),
-                               margin.cosface(cos, jnp.array([0])), rtol=1e-6)
-    np.testing.assert_allclose(margin.combined_margin(cos, jnp.array([1]), m1=1.0, m2=0.5, m3=0.0),
-                               margin.arcface(cos, jnp.array([1])), rtol=1e-6)
-    filtered = margin.combined_margin(jnp.array([[0.5, 0.9, 0.1], [0.7, 0.9, 0.1]]), jnp.array([0, -1]), m1=1.0,
-                                      m2=0.5, m3=0.0, interclass_filtering_threshold=0.6)
+    np.testing.assert_allclose(margin.cosface(cos, jnp.array([0]), scale=64, margin=0.4), [[0.1 * 64, 16.0]], rtol=1e-6)
+    np.testing.assert_allclose(
+        margin.combined_margin(cos, jnp.array([0]), m1=1.0, m2=0.0, m3=0.4),
+        margin.cosface(cos, jnp.array([0])),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        margin.combined_margin(cos, jnp.array([1]), m1=1.0, m2=0.5, m3=0.0),
+        margin.arcface(cos, jnp.array([1])),
+        rtol=1e-6,
+    )
+    filtered = margin.combined_margin(
+        jnp.array([[0.5, 0.9, 0.1], [0.7, 0.9, 0.1]]),
+        jnp.array([0, -1]),
+        m1=1.0,
+        m2=0.5,
+        m3=0.0,
+        interclass_filtering_threshold=0.6,
+    )
     assert float(filtered[0, 1]) == 0.0 and float(filtered[0, 2]) == pytest.approx(0.1 * 64)
     # A row whose target lives on another shard is filtered too (the reference filters every row).
     np.testing.assert_allclose(filtered[1], [0.0, 0.0, 0.1 * 64], rtol=1e-6)
@@ -49,8 +61,14 @@ def test_partial_fc_sampling_keeps_all_positives_and_remaps_targets():
     labels = jnp.array([3, 3, 17, -1, 36, 0, -1, 25])  # -1: target on another shard; 5 distinct positives
 
     def sample(key, num_keep):
-        out = sharded_fc.sample_centres(key, labels, num_rows=num_rows, num_valid=jnp.asarray(num_valid),
-                                        num_keep=jnp.asarray(num_keep), num_sample=num_sample)
+        out = sharded_fc.sample_centres(
+            key,
+            labels,
+            num_rows=num_rows,
+            num_valid=jnp.asarray(num_valid),
+            num_keep=jnp.asarray(num_keep),
+            num_sample=num_sample,
+        )
         return [np.asarray(x) for x in out]
 
     rows, target_col, kept = sample(jax.random.key(0), num_keep)
@@ -97,15 +115,21 @@ def sharded_head(num_devices, emb, labels, centres, num_classes, head, key=None)
 
     def body(e, y, w, k):
         def mean_loss(e, w):
-            loss, _ = sharded_fc.margin_softmax_loss(e, y, w, axis_name="data", num_classes=num_classes, head=head,
-                                                     key=k)
+            loss, _ = sharded_fc.margin_softmax_loss(
+                e, y, w, axis_name="data", num_classes=num_classes, head=head, key=k
+            )
             return jnp.mean(loss), loss
 
         (_, loss), (ge, gw) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(e, w)
         return loss, ge, gw
 
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P("data"), P("data"), P()),
-                      out_specs=(P(), P("data"), P("data")), check_vma=False)
+    f = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P("data"), P("data"), P("data"), P()),
+        out_specs=(P(), P("data"), P("data")),
+        check_vma=False,
+    )
     return [np.asarray(x) for x in f(emb, labels, centres, key)]
 
 
@@ -113,8 +137,9 @@ def numpy_margin_ce(emb, labels, centres, classes, *, threshold=0.0, scale=64.0,
     """Per-example ArcFace CE over the centre rows ``classes`` in float64, with the reference's filter."""
     e = np.asarray(emb, np.float64)
     w = np.asarray(centres, np.float64)[classes]
-    cos = np.clip((e / np.linalg.norm(e, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T,
-                  -1, 1)
+    cos = np.clip(
+        (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T, -1, 1
+    )
     target = np.searchsorted(classes, labels)
     is_target = np.arange(len(classes))[None, :] == target[:, None]
     if threshold > 0:
@@ -157,7 +182,8 @@ def test_interclass_filter_is_independent_of_the_device_count():
 
 def test_sampled_head_equals_softmax_over_the_kept_classes():
     """sample_rate 0.5 on 4 devices: device d keeps max(int(0.5 * C_d), #positives) centres, and the loss is the
-    NumPy softmax over exactly the kept classes."""
+    NumPy softmax over exactly the kept classes.
+    """
     num_classes = 300  # padded to 384: 96, 96, 96 and 12 real classes per device
     emb, labels, centres = random_head_inputs(num_classes, seed=1)
     head = head_config(sample_rate=0.5)
@@ -170,9 +196,14 @@ def test_sampled_head_equals_softmax_over_the_kept_classes():
         local = np.asarray(labels) - d * rows_local
         col = np.where((local >= 0) & (local < rows_local), local, -1)
         num_valid = min(max(num_classes - d * rows_local, 0), rows_local)
-        rows, _, kept = sharded_fc.sample_centres(key, jnp.asarray(col), num_rows=rows_local,
-                                                  num_valid=jnp.asarray(num_valid), num_keep=jnp.asarray(counts[d]),
-                                                  num_sample=min(rows_local, max(max(counts), N)))
+        rows, _, kept = sharded_fc.sample_centres(
+            key,
+            jnp.asarray(col),
+            num_rows=rows_local,
+            num_valid=jnp.asarray(num_valid),
+            num_keep=jnp.asarray(counts[d]),
+            num_sample=min(rows_local, max(max(counts), N)),
+        )
         positives = len(set(col[col >= 0].tolist()))
         assert int(np.sum(kept)) == max(counts[d], positives)
         kept_classes += (np.asarray(rows)[np.asarray(kept)] + d * rows_local).tolist()

@@ -13,11 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from mixbct_jax import bct as bct_lib, config as config_lib, step as step_lib
+from mixbct_jax import bct as bct_lib
+from mixbct_jax import config as config_lib
+from mixbct_jax import step as step_lib
 from mixbct_jax.bct import advbct, api, bct, l2, nccl, unibct
-from mixbct_jax.data import old_embeddings as oe, old_stats, splits
+from mixbct_jax.data import old_embeddings as oe
+from mixbct_jax.data import old_stats, splits
 from mixbct_jax.heads import sharded_fc
 
 W, C, N, D = 4, 10, 16, 16
@@ -43,8 +47,9 @@ def np_arcface(cos, labels, s=64.0, m=0.5):
     out = cos.copy()
     rows = np.arange(len(labels))
     c = cos[rows, labels]
-    out[rows, labels] = np.where(c > math.cos(math.pi - m), c * math.cos(m) - np.sqrt(1 - c * c) * math.sin(m),
-                                 c - math.sin(math.pi - m) * m)
+    out[rows, labels] = np.where(
+        c > math.cos(math.pi - m), c * math.cos(m) - np.sqrt(1 - c * c) * math.sin(m), c - math.sin(math.pi - m) * m
+    )
     return out * s
 
 
@@ -66,12 +71,36 @@ def config(**bct):
     return c
 
 
-def make_ctx(cfg, emb, labels, *, batch=None, params=None, state=None, centres=None, consts=None, step=0,
-             steps_per_epoch=10, total_steps=100):
-    return api.StepContext(embeddings=emb, batch=batch or {}, labels=labels, params=params or {}, state=state or {},
-                           centres=centres, key=jax.random.key(0), config=cfg, axis_name="data",
-                           global_batch=emb.shape[0] * W, step=jnp.asarray(step, jnp.int32),
-                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, consts=consts or {})
+def make_ctx(
+    cfg,
+    emb,
+    labels,
+    *,
+    batch=None,
+    params=None,
+    state=None,
+    centres=None,
+    consts=None,
+    step=0,
+    steps_per_epoch=10,
+    total_steps=100,
+):
+    return api.StepContext(
+        embeddings=emb,
+        batch=batch or {},
+        labels=labels,
+        params=params or {},
+        state=state or {},
+        centres=centres,
+        key=jax.random.key(0),
+        config=cfg,
+        axis_name="data",
+        global_batch=emb.shape[0] * W,
+        step=jnp.asarray(step, jnp.int32),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        consts=consts or {},
+    )
 
 
 def sharded(fn, in_specs, out_specs):
@@ -105,8 +134,9 @@ def test_l2_loss_and_gradient_match_numpy(threshold):
         share, g = jax.value_and_grad(lambda e: l2.extra_loss(make_ctx(cfg, e, y, batch={"old_features": o}))[0])(e)
         return share[None], g
 
-    shares, grads = sharded(body, (R, R, R), (R, R))(jnp.asarray(emb, jnp.float32), jnp.asarray(old, jnp.float32),
-                                                     labels)
+    shares, grads = sharded(body, (R, R, R), (R, R))(
+        jnp.asarray(emb, jnp.float32), jnp.asarray(old, jnp.float32), labels
+    )
     np.testing.assert_allclose(np.sum(shares), ref(emb), rtol=1e-5)
     np.testing.assert_allclose(grads, finite_difference(ref, emb), rtol=1e-3, atol=1e-6)
     # Identical new and old directions: a zero (PyTorch's) rather than NaN gradient of the distance.
@@ -142,8 +172,9 @@ def test_bct_influence_loss_and_gradient_match_full_softmax():
     np.testing.assert_allclose(np.sum(shares), ref, rtol=1e-5)
     np.testing.assert_allclose(reported[0], ref, rtol=1e-5)
     # The padded (zero) prototype rows are not classes: a 128-way softmax would give a different gradient.
-    np.testing.assert_allclose(grads, finite_difference(lambda e: np_influence(e, labels, prototypes), emb),
-                               rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(
+        grads, finite_difference(lambda e: np_influence(e, labels, prototypes), emb), rtol=1e-3, atol=1e-6
+    )
 
 
 def test_unibct_weight_is_zero_before_start_epoch():
@@ -236,10 +267,20 @@ def test_unibct_host_update_refines_saves_and_reloads(tmp_path, monkeypatch, aff
 # ---------------------------------------------------------------------------------------------------------------
 # NCCL
 # ---------------------------------------------------------------------------------------------------------------
-INTENDED = dict(nccl_logit_grad=True, nccl_normalize_logits=True, nccl_clamp_logits=False, nccl_amplify_grad=False,
-                nccl_count_empty_slots=False)
-REFERENCE = dict(nccl_logit_grad=False, nccl_normalize_logits=False, nccl_clamp_logits=True, nccl_amplify_grad=True,
-                 nccl_count_empty_slots=True)
+INTENDED = dict(
+    nccl_logit_grad=True,
+    nccl_normalize_logits=True,
+    nccl_clamp_logits=False,
+    nccl_amplify_grad=False,
+    nccl_count_empty_slots=False,
+)
+REFERENCE = dict(
+    nccl_logit_grad=False,
+    nccl_normalize_logits=False,
+    nccl_clamp_logits=True,
+    nccl_amplify_grad=True,
+    nccl_count_empty_slots=True,
+)
 
 
 def np_logit_vectors(x, labels, centres, cfg):
@@ -280,14 +321,19 @@ def nccl_queue(rng, centres, cfg, q, filled):
 
 def run_nccl(cfg, emb, old, labels, centres, queue):
     feats, qlabels, logits, ptr = queue
-    state = {"feat_queue": jnp.asarray(feats, jnp.float32), "label_queue": jnp.asarray(qlabels, jnp.int32),
-             "ptr": jnp.asarray(ptr, jnp.int32), "class_rows": {"logit_queue": padded(logits.T)}}
+    state = {
+        "feat_queue": jnp.asarray(feats, jnp.float32),
+        "label_queue": jnp.asarray(qlabels, jnp.int32),
+        "ptr": jnp.asarray(ptr, jnp.int32),
+        "class_rows": {"logit_queue": padded(logits.T)},
+    }
     specs = nccl.METHOD.state_specs(state)
 
     def body(e, o, y, w, st):
         def loss(e):
             share, new_state, metrics = nccl.extra_loss(
-                make_ctx(cfg, e, y, batch={"old_features": o}, state=st, centres=w))
+                make_ctx(cfg, e, y, batch={"old_features": o}, state=st, centres=w)
+            )
             return share, (new_state, metrics)
 
         (share, (new_state, metrics)), g = jax.value_and_grad(loss, has_aux=True)(e)
@@ -325,8 +371,12 @@ def test_nccl_losses_queue_and_gradients_match_numpy(switches):
 
 def test_nccl_queue_wraps_around_overwriting_the_oldest():
     q, n, rows = 12, 8, 3
-    state = {"feat_queue": jnp.zeros((q, 2)), "label_queue": jnp.full((q,), -1, jnp.int32),
-             "ptr": jnp.zeros((), jnp.int32), "class_rows": {"logit_queue": jnp.zeros((rows, q))}}
+    state = {
+        "feat_queue": jnp.zeros((q, 2)),
+        "label_queue": jnp.full((q,), -1, jnp.int32),
+        "ptr": jnp.zeros((), jnp.int32),
+        "class_rows": {"logit_queue": jnp.zeros((rows, q))},
+    }
     ring_feats, ring_labels, ring_logits, ptr = np.zeros((q, 2)), np.full(q, -1), np.zeros((q, rows)), 0
     for batch in range(3):
         item = 100 * batch + np.arange(n)
@@ -375,9 +425,12 @@ def advbct_inputs(seed, kept_max):
     rng, emb, old, labels = data(seed)
     params, _ = advbct.init(jax.random.key(seed), config=config(), embedding_size=D, num_classes=C)
     centers = nrm(rng.normal(size=(C, D))) * 0.9
-    batch = {"old_features": old.astype(np.float32), "advbct_center": centers[labels].astype(np.float32),
-             "advbct_radius_max": rng.uniform(0.2, 0.6, N).astype(np.float32),
-             "advbct_num_kept": rng.randint(0, kept_max + 1, N).astype(np.int32)}
+    batch = {
+        "old_features": old.astype(np.float32),
+        "advbct_center": centers[labels].astype(np.float32),
+        "advbct_radius_max": rng.uniform(0.2, 0.6, N).astype(np.float32),
+        "advbct_num_kept": rng.randint(0, kept_max + 1, N).astype(np.int32),
+    }
     return emb, labels, params, batch
 
 
@@ -400,8 +453,9 @@ def test_advbct_losses_match_numpy():
     shares, _, _, metrics = run_advbct(config(), emb, labels, params, batch, step)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     adv = np_adv(emb, batch["old_features"], p["discriminator"])
-    p2s = np_p2s(emb, labels, p["eboundary"], batch["advbct_center"], batch["advbct_radius_max"],
-                 batch["advbct_num_kept"])
+    p2s = np_p2s(
+        emb, labels, p["eboundary"], batch["advbct_center"], batch["advbct_radius_max"], batch["advbct_num_kept"]
+    )
     assert 0 < metrics["advbct/p2s_active"][0] < N  # some rows inside, some outside, some skipped
     np.testing.assert_allclose(metrics["advbct/adv"][0], adv, rtol=1e-5)
     np.testing.assert_allclose(metrics["advbct/p2s"][0], p2s, rtol=1e-5)
@@ -425,8 +479,10 @@ def test_advbct_gradient_reversal_sign():
     shifted = lambda t: jax.tree.map(lambda a, v: a + t * v, p["discriminator"], direction)
     eps = 1e-5
     fd = scale * (np_adv(emb, old, shifted(eps)) - np_adv(emb, old, shifted(-eps))) / (2 * eps)
-    analytic = sum(np.sum(np.asarray(g) * v) for g, v in
-                   zip(jax.tree.leaves(g_params["discriminator"]), jax.tree.leaves(direction)))
+    analytic = sum(
+        np.sum(np.asarray(g) * v)
+        for g, v in zip(jax.tree.leaves(g_params["discriminator"]), jax.tree.leaves(direction))
+    )
     np.testing.assert_allclose(analytic, fd, rtol=1e-3)
 
 
@@ -444,12 +500,16 @@ def test_batch_arrays_gathers_by_index_and_by_label(tmp_path):
     rng = np.random.RandomState(10)
     features = rng.normal(size=(20, D)).astype(np.float32)
     np.save(tmp_path / "features.npy", features)
-    meta = {"centers": rng.normal(size=(C, D)).astype(np.float32), "radius_max": rng.rand(C).astype(np.float32),
-            "num_kept": rng.randint(0, 5, C).astype(np.int32)}
+    meta = {
+        "centers": rng.normal(size=(C, D)).astype(np.float32),
+        "radius_max": rng.rand(C).astype(np.float32),
+        "num_kept": rng.randint(0, 5, C).astype(np.int32),
+    }
     np.savez(tmp_path / "meta.npz", **meta)
     method = advbct.METHOD
-    old = oe.open_old_embeddings(features=str(tmp_path / "features.npy"),
-                                 class_files=[(str(tmp_path / "meta.npz"), method.class_files[0])])
+    old = oe.open_old_embeddings(
+        features=str(tmp_path / "features.npy"), class_files=[(str(tmp_path / "meta.npz"), method.class_files[0])]
+    )
     old = dataclasses.replace(old, features=features, credible=rng.rand(20) < 0.5)
     needs = method.per_example + method.per_label
     indices, labels = np.array([3, 7, 3, 19]), np.array([1, 9, 1, 0])
@@ -460,8 +520,9 @@ def test_batch_arrays_gathers_by_index_and_by_label(tmp_path):
     np.testing.assert_array_equal(out["advbct_radius_max"], meta["radius_max"][labels])
     assert out["advbct_num_kept"].dtype == np.int32
     np.testing.assert_array_equal(out["advbct_num_kept"], meta["num_kept"][labels])
-    np.testing.assert_array_equal(oe.batch_arrays(old, ("credible",), indices, labels)["credible"],
-                                  old.credible[indices])
+    np.testing.assert_array_equal(
+        oe.batch_arrays(old, ("credible",), indices, labels)["credible"], old.credible[indices]
+    )
     with pytest.raises(ValueError, match="class tables"):
         oe.batch_arrays(oe.OldEmbeddings(features=features), needs, indices, labels)
     with pytest.raises(ValueError, match="unknown"):
@@ -480,12 +541,19 @@ def test_method_trains_through_the_step(name):
     state = par.init_fn(jax.random.key(0))
     rng = np.random.RandomState(11)
     labels = rng.randint(0, C, N).astype(np.int32)
-    table = oe.OldEmbeddings(features=rng.normal(size=(N, D)).astype(np.float32),
-                             tables={"advbct_center": nrm(rng.normal(size=(C, D))).astype(np.float32) * 0.8,
-                                     "advbct_radius_max": rng.uniform(0.2, 0.6, C).astype(np.float32),
-                                     "advbct_num_kept": np.full(C, 3, np.int32)})
-    batch = {"image": rng.randint(0, 256, (N, 32, 32, 3)).astype(np.uint8), "label": labels,
-             "index": np.arange(N, dtype=np.int32)}
+    table = oe.OldEmbeddings(
+        features=rng.normal(size=(N, D)).astype(np.float32),
+        tables={
+            "advbct_center": nrm(rng.normal(size=(C, D))).astype(np.float32) * 0.8,
+            "advbct_radius_max": rng.uniform(0.2, 0.6, C).astype(np.float32),
+            "advbct_num_kept": np.full(C, 3, np.int32),
+        },
+    )
+    batch = {
+        "image": rng.randint(0, 256, (N, 32, 32, 3)).astype(np.uint8),
+        "label": labels,
+        "index": np.arange(N, dtype=np.int32),
+    }
     batch.update(oe.batch_arrays(table, method.per_example + method.per_label, batch["index"], labels))
     consts = {"prototypes": padded(nrm(rng.normal(size=(C, D))))} if method.consts else {}
     if name == "nccl":  # the Q x C logit queue is split by classes over the devices
@@ -522,13 +590,20 @@ def test_every_preset_loads_and_trains_a_step(preset, tmp_path):
     np.save(tmp_path / "credible.npy", old_stats.denoise(features, labels, keep=0.9))
     np.save(tmp_path / "prototypes.npy", old_stats.class_means(features, labels, C))
     np.savez(tmp_path / "advbct_meta.npz", **old_stats.advbct_meta(features, labels, C))
-    for field, name in (("features", "features.npy"), ("credible", "credible.npy"), ("prototypes", "prototypes.npy"),
-                        ("advbct_meta", "advbct_meta.npz")):
+    for field, name in (
+        ("features", "features.npy"),
+        ("credible", "credible.npy"),
+        ("prototypes", "prototypes.npy"),
+        ("advbct_meta", "advbct_meta.npz"),
+    ):
         c.old[field] = str(tmp_path / name)
     ts = step_lib.build(c, num_classes=C, steps_per_epoch=10, total_steps=100, mesh=MESH)
     host = method_host.MethodHost(c, ts, splits.Subset(np.arange(N), labels, C), tmp_path)
-    batch = {"image": rng.randint(0, 256, (N, 32, 32, 3)).astype(np.uint8), "label": labels,
-             "index": np.arange(N, dtype=np.int32)}
+    batch = {
+        "image": rng.randint(0, 256, (N, 32, 32, 3)).astype(np.uint8),
+        "label": labels,
+        "index": np.arange(N, dtype=np.int32),
+    }
     state = ts.to_device(ts.init(jax.random.key(0)))
     state, metrics = ts.step(state, ts.put_batch(host.batch(batch)), jax.random.key(1), host.refresh(0, state))
     assert float(metrics["finite"]) == 1 and math.isfinite(float(metrics["loss"]))

@@ -5,7 +5,6 @@ import pathlib
 import struct
 
 import pytest
-
 from tensorboardX.proto import event_pb2
 
 from mixbct_jax.metrics_writer import MetricsWriter
@@ -18,9 +17,9 @@ def read_events(logdir: pathlib.Path) -> list:
         data = path.read_bytes()
         pos = 0
         while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
             event = event_pb2.Event()
-            event.ParseFromString(data[pos + 12:pos + 12 + length])
+            event.ParseFromString(data[pos + 12 : pos + 12 + length])
             events.append(event)
             pos += 12 + length + 4
     return events

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixbct_jax import config as config_lib, models
+from mixbct_jax import config as config_lib
+from mixbct_jax import models
 
 
 def count(arch, d, size=112, **kw):
@@ -17,9 +18,17 @@ def count(arch, d, size=112, **kw):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
 
 
-@pytest.mark.parametrize("arch,d,expected_millions", [
-    ("r18", 128, 14.39), ("r18", 256, 17.60), ("r18", 512, 24.03),
-    ("r34", 512, 34.14), ("r50", 128, 33.96), ("r100", 512, 65.16)])
+@pytest.mark.parametrize(
+    "arch,d,expected_millions",
+    [
+        ("r18", 128, 14.39),
+        ("r18", 256, 17.60),
+        ("r18", 512, 24.03),
+        ("r34", 512, 34.14),
+        ("r50", 128, 33.96),
+        ("r100", 512, 65.16),
+    ],
+)
 def test_iresnet_parameter_counts_match_spec(arch, d, expected_millions):
     # + d: the last BatchNorm's frozen scale, which the reference counts and we do not store.
     assert round((count(arch, d) + d) / 1e6, 2) == expected_millions
@@ -71,7 +80,8 @@ def matmul_dtypes(fn, *args) -> collections.Counter:
 def test_bfloat16_config_runs_every_convolution_in_bfloat16_with_float32_parameters():
     """config.model.dtype=bfloat16: the 13 convolutions and the fc of r_tiny take bf16 operands, forward and
     backward, while parameters and the embedding stay float32; the embedding is within 3% (relative L2) of the
-    float32 model's with the same parameters, and not equal to it (measured: 0.85%)."""
+    float32 model's with the same parameters, and not equal to it (measured: 0.85%).
+    """
     config = config_lib.default_config()
     config.model.update(arch="r_tiny", embedding_size=16, input_size=32, width=0.25)
     x = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3), minval=-1, maxval=1)
@@ -84,17 +94,22 @@ def test_bfloat16_config_runs_every_convolution_in_bfloat16_with_float32_paramet
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(own))
 
         def embed(params, x):  # train=True: batch statistics keep the activations O(1), as in training
-            return model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                               mutable=["batch_stats"])[0]
+            return model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+            )[0]
 
         def loss(params, x):
             return jnp.sum(embed(params, x) ** 2)
 
         assert matmul_dtypes(embed, variables["params"], x) == {
-            ("conv_general_dilated", (dtype, dtype)): 13, ("dot_general", (dtype, dtype)): 1}
+            ("conv_general_dilated", (dtype, dtype)): 13,
+            ("dot_general", (dtype, dtype)): 1,
+        }
         # Backward: the forward again, the input gradients (not of the stem: the image needs none) and the kernels'.
         assert matmul_dtypes(jax.grad(loss), variables["params"], x) == {
-            ("conv_general_dilated", (dtype, dtype)): 13 + 12 + 13, ("dot_general", (dtype, dtype)): 1 + 2}
+            ("conv_general_dilated", (dtype, dtype)): 13 + 12 + 13,
+            ("dot_general", (dtype, dtype)): 1 + 2,
+        }
         outputs[dtype] = np.asarray(jax.jit(embed)(variables["params"], x))
         assert outputs[dtype].dtype == np.float32
     error = np.linalg.norm(outputs["bfloat16"] - outputs["float32"]) / np.linalg.norm(outputs["float32"])

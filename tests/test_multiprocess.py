@@ -24,7 +24,8 @@ import time
 import jax
 import numpy as np
 
-from mixbct_jax import checkpoint, config as config_lib, train
+from mixbct_jax import checkpoint, train
+from mixbct_jax import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -46,8 +47,13 @@ def free_port() -> int:
 
 def worker_env(devices_per_process: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        CUDA_VISIBLE_DEVICES="",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    )
     return env
 
 
@@ -58,12 +64,25 @@ def launch(workdir: pathlib.Path, num_processes: int = 2) -> list[tuple[subproce
     procs = []
     for i in range(num_processes):
         log = workdir.parent / f"{workdir.name}.{i}.log"
-        cmd = [sys.executable, "-m", "mixbct_jax.train", "--config", "configs/quickstart.py:runlocal",
-               "--workdir", str(workdir), "--coordinator", f"localhost:{port}", "--num_processes",
-               str(num_processes), "--process_id", str(i), *overrides, f"--config.evals.retrieval={RETRIEVAL}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mixbct_jax.train",
+            "--config",
+            "configs/quickstart.py:runlocal",
+            "--workdir",
+            str(workdir),
+            "--coordinator",
+            f"localhost:{port}",
+            "--num_processes",
+            str(num_processes),
+            "--process_id",
+            str(i),
+            *overrides,
+            f"--config.evals.retrieval={RETRIEVAL}",
+        ]
         with open(log, "w") as f:
-            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=worker_env(2), stdout=f, stderr=subprocess.STDOUT),
-                          log))
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=worker_env(2), stdout=f, stderr=subprocess.STDOUT), log))
     return procs
 
 

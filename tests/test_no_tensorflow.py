@@ -41,8 +41,13 @@ def test_train_and_extract_cli_never_import_tensorflow(tmp_path):
     recordio.write_rec(tmp_path / "faces", faces.read(np.arange(len(faces))), faces.labels, encoding=".jpg")
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "faces"), str(tmp_path / "run")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "faces"), str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TENSORFLOW_MODULES []" in result.stdout, result.stdout[-2000:]
     assert (tmp_path / "run" / "emb" / "features.npy").exists()

@@ -34,8 +34,9 @@ def run_notebook(name: str, params: dict) -> tuple[nbformat.NotebookNode, float]
     # As papermill: the defaults stay, the injected values follow them (parameters not given keep their default).
     injected = "\n".join(f"{key} = {value!r}" for key, value in params.items())
     cells[0].source = f"{cells[0].source}\n\n# injected by tests/test_notebooks.py\n{injected}"
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=TIMEOUT_S, allow_errors=False,
-                                     resources={"metadata": {"path": str(COLAB)}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=TIMEOUT_S, allow_errors=False, resources={"metadata": {"path": str(COLAB)}}
+    )
     t0 = time.time()
     client.execute(env=kernel_env())
     seconds = time.time() - t0
@@ -45,7 +46,8 @@ def run_notebook(name: str, params: dict) -> tuple[nbformat.NotebookNode, float]
 
 def kernel_env() -> dict[str, str]:
     """This process's environment with one CPU device: the 4 fake devices of conftest.py make every compilation
-    of the notebooks' runs slower (the multi-device paths are tested elsewhere); inline matplotlib plots."""
+    of the notebooks' runs slower (the multi-device paths are tested elsewhere); inline matplotlib plots.
+    """
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags)
@@ -53,8 +55,7 @@ def kernel_env() -> dict[str, str]:
 
 
 def outputs(nb, kind: str) -> list:
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if kind in o.get("data", {})]
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if kind in o.get("data", {})]
 
 
 def rows(report_json: pathlib.Path) -> dict:
@@ -87,9 +88,16 @@ def install_functions(name: str) -> dict:
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-@pytest.mark.parametrize("variable, device, want", [
-    ("TPU_ACCELERATOR_TYPE", None, "tpu"), ("COLAB_TPU_ADDR", None, "tpu"), (None, "/dev/accel0", "tpu"),
-    (None, "/dev/vfio/0", "tpu"), (None, None, "cpu")])
+@pytest.mark.parametrize(
+    "variable, device, want",
+    [
+        ("TPU_ACCELERATOR_TYPE", None, "tpu"),
+        ("COLAB_TPU_ADDR", None, "tpu"),
+        (None, "/dev/accel0", "tpu"),
+        (None, "/dev/vfio/0", "tpu"),
+        (None, None, "cpu"),
+    ],
+)
 def test_install_cell_finds_every_colab_accelerator(name, variable, device, want, monkeypatch):
     fns = install_functions(name)
     for key in ("COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE", "TPU_NAME", "TPU_WORKER_ID"):
@@ -97,8 +105,17 @@ def test_install_cell_finds_every_colab_accelerator(name, variable, device, want
     if variable:
         monkeypatch.setenv(variable, "v5litepod-1")
     real_glob = fns["glob"].glob
-    monkeypatch.setattr(fns["glob"], "glob", lambda pattern: [device] if device and pattern.startswith(
-        device.rstrip("0")) else [] if pattern.startswith("/dev/") else real_glob(pattern))
+    monkeypatch.setattr(
+        fns["glob"],
+        "glob",
+        lambda pattern: (
+            [device]
+            if device and pattern.startswith(device.rstrip("0"))
+            else []
+            if pattern.startswith("/dev/")
+            else real_glob(pattern)
+        ),
+    )
     monkeypatch.setattr(fns["shutil"], "which", lambda cmd: None)  # no nvidia-smi on this machine either way
     assert fns["accelerator"]() == want
 
@@ -158,14 +175,24 @@ def test_quickstart_tfds_part_on_a_local_data_set(tmp_path):
     data_dir = tmp_path / "tfds"
     build_tfds(data_dir)
     out = tmp_path / "out"
-    run_notebook("quickstart.ipynb", dict(SMALL=True, RUN_SYNTHETIC=False, RUN_TFDS=True, STEPS=6, OUT=str(out),
-                                          TFDS_NAME="mixbct_notebook_faces", TFDS_DATA_DIR=str(data_dir)))
+    run_notebook(
+        "quickstart.ipynb",
+        dict(
+            SMALL=True,
+            RUN_SYNTHETIC=False,
+            RUN_TFDS=True,
+            STEPS=6,
+            OUT=str(out),
+            TFDS_NAME="mixbct_notebook_faces",
+            TFDS_DATA_DIR=str(data_dir),
+        ),
+    )
     run = out / "tfds_mixbct_notebook_faces"
     # 10 classes: old on 0..1, new on 2..7 (open-class), retrieval on the test images of 8..9.
     assert json.loads((run / "old" / "config.json").read_text())["data"]["source"].endswith(",classes=0:2")
     assert np.load(run / "old" / "emb" / "features.npy").shape == (6 * 24, 64)
     table = rows(run / "reports" / "mixbct" / "report.json")
-    (name, table), = table.items()
+    ((name, table),) = table.items()
     assert name.endswith("classes=8:10") and set(table) == {"old/old", "new/new", "new/old"}
     assert not (out / "synthetic").exists()
 
@@ -214,7 +241,8 @@ def write_ijbc(root: pathlib.Path) -> pathlib.Path | None:
 
 def build_tfds(data_dir: pathlib.Path) -> None:
     """A TFDS data set of synthetic 32x32 identities prepared as array_record (10 classes, 24 train and 8 test
-    images each; TFDS shuffles the examples, so labels are not grouped)."""
+    images each; TFDS shuffles the examples, so labels are not grouped).
+    """
     tfds = pytest.importorskip("tensorflow_datasets")
 
     from mixbct_jax.data import sources
@@ -223,8 +251,10 @@ def build_tfds(data_dir: pathlib.Path) -> None:
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            features = {"image": tfds.features.Image(shape=(32, 32, 3)),
-                        "label": tfds.features.ClassLabel(num_classes=10)}
+            features = {
+                "image": tfds.features.Image(shape=(32, 32, 3)),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
         def _split_generators(self, dl_manager):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from mixbct_jax.bct import advbct, bct
-from mixbct_jax.data import old_stats
 from mixbct_jax.data import old_embeddings as oe
+from mixbct_jax.data import old_stats
 
 N, D, C = 50, 8, 5
 

@@ -16,9 +16,18 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
-from mixbct_jax import checkpoint, convert, models, onnx_io  # noqa: E402
 from test_convert import (  # noqa: E402
-    STAGES, TorchIResNet, assert_parity, flax_embed, images, random_flax_variables, randomize_torch, torch_embed)
+    STAGES,
+    TorchIResNet,
+    assert_parity,
+    flax_embed,
+    images,
+    random_flax_variables,
+    randomize_torch,
+    torch_embed,
+)
+
+from mixbct_jax import checkpoint, convert, models, onnx_io  # noqa: E402
 
 
 def run_onnx(model, x_nchw: np.ndarray) -> np.ndarray:
@@ -31,9 +40,16 @@ def torch_onnx(model: torch.nn.Module, size: int = 112) -> "onnx.ModelProto":
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(model.eval(), torch.zeros(1, 3, size, size), buf, input_names=["input.1"],
-                          dynamo=False, do_constant_folding=True, opset_version=13,
-                          dynamic_axes={"input.1": {0: "N"}})
+        torch.onnx.export(
+            model.eval(),
+            torch.zeros(1, 3, size, size),
+            buf,
+            input_names=["input.1"],
+            dynamo=False,
+            do_constant_folding=True,
+            opset_version=13,
+            dynamic_axes={"input.1": {0: "N"}},
+        )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -96,8 +112,9 @@ def test_scaled_down_model_round_trips_through_onnx():
     variables = jax.tree.map(np.asarray, net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     model = onnx_io.flax_to_onnx(variables, "r_tiny", 16, 32, 0.25)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(run_onnx(model, x.transpose(0, 3, 1, 2).copy()), flax_embed(net, variables, x),
-                               rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        run_onnx(model, x.transpose(0, 3, 1, 2).copy()), flax_embed(net, variables, x), rtol=0, atol=1e-4
+    )
     _, info = onnx_io.onnx_to_flax(model, "r_tiny")
     assert info == dict(arch="r_tiny", embedding_size=16, input_size=32, width=0.25)
 
@@ -124,10 +141,15 @@ def test_input_scaling_inside_the_graph_is_refused():
 
     nodes = [helper.make_node("Sub", ["data", "mean"], ["x0"]), helper.make_node("Conv", ["x0", "w"], ["y"])]
     graph = helper.make_graph(
-        nodes, "mx", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 112, 112])],
+        nodes,
+        "mx",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 112, 112])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(np.float32([127.5]), "mean"),
-         onnx.numpy_helper.from_array(np.zeros((64, 3, 3, 3), np.float32), "w")])
+        [
+            onnx.numpy_helper.from_array(np.float32([127.5]), "mean"),
+            onnx.numpy_helper.from_array(np.zeros((64, 3, 3, 3), np.float32), "w"),
+        ],
+    )
     with pytest.raises(ValueError, match="scales the input inside the graph"):
         onnx_io._param_ops(helper.make_model(graph), "mx.onnx")
 
@@ -162,8 +184,9 @@ def test_convert_command_line_imports_and_exports_onnx(r18_pack, tmp_path):
     convert.main(["--onnx", str(path), "--out", str(tmp_path / "run")])
     convert.main(["--export", str(tmp_path / "run"), "--out", str(tmp_path / "again.onnx")])
     x, xt = images(seed=9, n=2)
-    np.testing.assert_allclose(run_onnx(onnx.load(str(tmp_path / "again.onnx")), xt.numpy()),
-                               torch_embed(net, xt), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        run_onnx(onnx.load(str(tmp_path / "again.onnx")), xt.numpy()), torch_embed(net, xt), rtol=0, atol=1e-4
+    )
     with pytest.raises(SystemExit):  # argparse usage error: the graph says what these are
         convert.main(["--onnx", str(path), "--embedding_size", "128", "--out", str(tmp_path / "x")])
 
@@ -181,8 +204,20 @@ def test_convert_width_imports_a_scaled_down_torch_iresnet(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no foreign warning (torch's read-only-array one) reaches the user
         convert.save_torch_state_dict(state, tmp_path / "tiny.pt")
-    convert.main(["--torch", str(tmp_path / "tiny.pt"), "--arch", "r_tiny", "--input-size", "32", "--width", "0.25",
-                  "--out", str(tmp_path / "run")])  # the hyphenated spelling still works
+    convert.main(
+        [
+            "--torch",
+            str(tmp_path / "tiny.pt"),
+            "--arch",
+            "r_tiny",
+            "--input-size",
+            "32",
+            "--width",
+            "0.25",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )  # the hyphenated spelling still works
     config, back = checkpoint.load_params(tmp_path / "run")
     assert config.model.width == 0.25
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):

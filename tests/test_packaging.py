@@ -29,8 +29,11 @@ def wheel(tmp_path_factory) -> pathlib.Path:
     for name in ("mixbct_jax", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(src)], check=True, cwd=src)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        check=True,
+        cwd=src,
+    )
     (whl,) = out.glob("mixbct_jax-*.whl")
     return whl
 
@@ -53,27 +56,58 @@ def test_wheel_trains_the_quickstart_from_an_empty_folder(wheel, tmp_path):
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True, env=env)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        env=env,
+    )
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     pathlib.Path(site, "test_dependencies.pth").write_text("\n".join(sorted(deps)) + "\n")
     work = tmp_path / "empty"
     work.mkdir()
-    where = subprocess.run([str(python), "-c", "import mixbct_jax; print(mixbct_jax.__file__)"], cwd=work, env=env,
-                           capture_output=True, text=True)
+    where = subprocess.run(
+        [str(python), "-c", "import mixbct_jax; print(mixbct_jax.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert where.returncode == 0 and where.stdout.startswith(str(env_dir)), where.stdout + where.stderr
-    run = subprocess.run([str(python), "-m", "mixbct_jax.train", "--config", "quickstart:runlocal", "--workdir", "run",
-                          "--config.total_steps=2"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "mixbct_jax.train",
+            "--config",
+            "quickstart:runlocal",
+            "--workdir",
+            "run",
+            "--config.total_steps=2",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (work / "run" / "config.json").is_file() and (work / "run" / "metrics.jsonl").is_file()
     assert any(p.name == "2" for p in (work / "run" / "checkpoints").iterdir())
 
 
 def test_unknown_config_name_is_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "mixbct_jax.train", "--config", "quickstrat", "--workdir",
-                          str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "mixbct_jax.train", "--config", "quickstrat", "--workdir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "quickstrat" in lines[0] and "'quickstart'" in lines[0], run.stderr

@@ -68,8 +68,9 @@ def test_train_batches_four_process_slices(rec_png):
     gb, seed, steps = 12, 5, 7
     spe = pipeline.steps_per_epoch(len(subset), gb)
     kwargs = dict(global_batch=gb, seed=seed, process_count=4)
-    per_process = [_take(pipeline.train_batches(source, subset, process_index=p, threads=0, **kwargs), steps)
-                   for p in range(4)]
+    per_process = [
+        _take(pipeline.train_batches(source, subset, process_index=p, threads=0, **kwargs), steps) for p in range(4)
+    ]
     for step in range(steps):
         epoch, k = divmod(step, spe)
         parts = [per_process[p][step] for p in range(4)]
@@ -113,8 +114,10 @@ def test_array_source_matches_encoded_source(rec_png):
     source, images = rec_png
     synthetic = sources.SyntheticSource("synthetic", FACES)
     kwargs = dict(global_batch=10, seed=2, threads=0)
-    for a, b in zip(_take(pipeline.train_batches(source, None, **kwargs), 3),
-                    _take(pipeline.train_batches(synthetic, None, **kwargs), 3)):
+    for a, b in zip(
+        _take(pipeline.train_batches(source, None, **kwargs), 3),
+        _take(pipeline.train_batches(synthetic, None, **kwargs), 3),
+    ):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
 
@@ -139,8 +142,9 @@ def test_jpeg_batches_are_bit_identical_to_a_numpy_opencv_reference(rec_jpeg):
     batches = _take(pipeline.train_batches(source, subset, global_batch=gb, seed=seed, threads=0), 5)
     assert pipeline.steps_per_epoch(len(subset), gb) < 5  # crosses an epoch
     for step, batch in enumerate(batches):
-        pos, label, images = _reference_batch(encoded, subset.indices, subset.labels, seed=seed, step=step,
-                                              global_batch=gb)
+        pos, label, images = _reference_batch(
+            encoded, subset.indices, subset.labels, seed=seed, step=step, global_batch=gb
+        )
         np.testing.assert_array_equal(batch["index"], pos)
         np.testing.assert_array_equal(batch["label"], label)
         np.testing.assert_array_equal(batch["image"], images)  # simplejpeg gives OpenCV's pixels exactly
@@ -185,8 +189,9 @@ def test_bad_image_names_file_and_key_in_the_main_process(tmp_path, kind, thread
     bad = b"this is not an image at all" if kind == "not an image" else jpeg[: len(jpeg) * 3 // 4]
     _rec_with_bad_image(tmp_path / "bad", bad)
     source = sources.open_source(f"rec:{tmp_path / 'bad'}")  # opens: labels are fine, image 0 decodes
-    message = r"bad\.rec record key 5 \(example 4\): cannot decode the " + ("image bytes" if kind == "not an image"
-                                                                          else r"JPEG.*Premature end")
+    message = r"bad\.rec record key 5 \(example 4\): cannot decode the " + (
+        "image bytes" if kind == "not an image" else r"JPEG.*Premature end"
+    )
     with pytest.raises(pipeline.BadInputError, match=message):
         list(pipeline.eval_batches(source, None, batch_size=3, threads=threads))
 
@@ -205,13 +210,18 @@ def test_eval_batches_cover_every_index_once_in_order(rec_png):
     # Four processes: padded to full global batches, masks mark the real rows.
     subset = splits.data_split(source.labels)[1]
     per_process = [
-        list(pipeline.eval_batches(source, subset, batch_size=8, flip=True, seed=4, process_index=p, process_count=4,
-                                   threads=0))
+        list(
+            pipeline.eval_batches(
+                source, subset, batch_size=8, flip=True, seed=4, process_index=p, process_count=4, threads=0
+            )
+        )
         for p in range(4)
     ]
     assert len({len(b) for b in per_process}) == 1 and len(per_process[0]) == -(-len(subset) // 8)
-    merged = [{k: np.concatenate([per_process[p][s][k] for p in range(4)]) for k in per_process[0][s]}
-              for s in range(len(per_process[0]))]
+    merged = [
+        {k: np.concatenate([per_process[p][s][k] for p in range(4)]) for k in per_process[0][s]}
+        for s in range(len(per_process[0]))
+    ]
     index = np.concatenate([m["index"] for m in merged])
     mask = np.concatenate([m["mask"] for m in merged])
     np.testing.assert_array_equal(index[mask], np.arange(len(subset)))
@@ -250,13 +260,23 @@ def test_wrong_sized_image_names_its_row(tmp_path):
             png = cv2.imencode(".png", np.zeros((h, 6, 3), np.uint8))[1].tobytes()
             w.write(key, recordio.pack_header([float(key > 2), 0], id=key) + png)
     source = sources.open_source(f"rec:{tmp_path / 'odd'}")
-    with pytest.raises(pipeline.BadInputError, match=r"odd\.rec record key 4 \(example 3\): the image decodes to shape \(7, 6, 3\)"):
+    with pytest.raises(
+        pipeline.BadInputError, match=r"odd\.rec record key 4 \(example 3\): the image decodes to shape \(7, 6, 3\)"
+    ):
         list(pipeline.eval_batches(source, None, batch_size=4, threads=0))
 
 
 def test_resume_state_is_checked():
-    state = pipeline.data_state(step=30, seed=1, global_batch=64, num_examples=900, flip=True, process_count=2,
-                                source="rec:/d/train", subset="opclass/old/0.3")
+    state = pipeline.data_state(
+        step=30,
+        seed=1,
+        global_batch=64,
+        num_examples=900,
+        flip=True,
+        process_count=2,
+        source="rec:/d/train",
+        subset="opclass/old/0.3",
+    )
     assert json.loads(json.dumps(state)) == state  # stored as a JSON item in the checkpoint
     pipeline.check_resume(state, dict(state, process_count=4))  # other process counts slice the same batches
     pipeline.check_resume(None, state)  # a checkpoint from before the state was stored

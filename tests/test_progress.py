@@ -35,6 +35,7 @@ def test_retrieval_progress_names_the_row(capsys):
     from mixbct_jax.evaluation import retrieval
 
     rng = np.random.default_rng(0)
-    retrieval.retrieval_metrics(rng.normal(size=(6, 4)), np.arange(6) % 3, rng.normal(size=(6, 4)), np.arange(6) % 3,
-                                desc="retrieval new/old")
+    retrieval.retrieval_metrics(
+        rng.normal(size=(6, 4)), np.arange(6) % 3, rng.normal(size=(6, 4)), np.arange(6) % 3, desc="retrieval new/old"
+    )
     assert "retrieval new/old: 6/6" in capsys.readouterr().err

@@ -233,13 +233,16 @@ def test_index_errors(tmp_path):
         recordio.RecordReader(tmp_path / "i")
 
 
-@pytest.mark.parametrize("label, why", [
-    (-1.0, "is negative"),
-    (float("nan"), "is not a finite number"),
-    (2.5, "is not a whole number"),
-    (3.0, "is >= the number of classes 3 announced by the header"),
-    (1e9, "is >= the number of classes 3 announced by the header"),
-])
+@pytest.mark.parametrize(
+    "label, why",
+    [
+        (-1.0, "is negative"),
+        (float("nan"), "is not a finite number"),
+        (2.5, "is not a whole number"),
+        (3.0, "is >= the number of classes 3 announced by the header"),
+        (1e9, "is >= the number of classes 3 announced by the header"),
+    ],
+)
 def test_bad_label_names_file_and_key_when_opened(tmp_path, label, why):
     with recordio.RecordWriter(tmp_path / "b") as w:
         w.write(0, recordio.pack_header([5, 8]))  # 4 images, 3 identities

@@ -34,8 +34,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from mixbct_jax import convert
 from mixbct_jax import config as config_lib
+from mixbct_jax import convert
 from mixbct_jax import step as step_lib
 from mixbct_jax.heads import sharded_fc
 
@@ -63,8 +63,9 @@ def arcface(cos, target_col, s=64.0, m=0.5):
     rows = torch.nonzero(target_col >= 0).flatten()
     out = cos.clone()
     c = cos[rows, target_col[rows]]
-    margined = torch.where(c > np.cos(np.pi - m), c * np.cos(m) - torch.sqrt(1 - c * c) * np.sin(m),
-                           c - np.sin(np.pi - m) * m)
+    margined = torch.where(
+        c > np.cos(np.pi - m), c * np.cos(m) - torch.sqrt(1 - c * c) * np.sin(m), c - np.sin(np.pi - m) * m
+    )
     out[rows, target_col[rows]] = margined
     return out * s
 
@@ -77,8 +78,20 @@ def poly_lr(t, *, base=0.1, warmup, total, power=2):
 
 
 class ReferenceTrainer:
-    def __init__(self, state_dict, centres, *, world, method, warmup_epochs=0, prototypes=None, mix_ratio=0.3,
-                 l2_weight=10.0, l2_threshold=0.0, dtype=torch.float32):
+    def __init__(
+        self,
+        state_dict,
+        centres,
+        *,
+        world,
+        method,
+        warmup_epochs=0,
+        prototypes=None,
+        mix_ratio=0.3,
+        l2_weight=10.0,
+        l2_threshold=0.0,
+        dtype=torch.float32,
+    ):
         self.dtype = dtype
         self.model = tiny_iresnet()
         self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
@@ -89,10 +102,11 @@ class ReferenceTrainer:
         sizes = [C // world + (r < C % world) for r in range(world)]
         self.starts = np.cumsum([0] + sizes[:-1]).tolist()
         full = torch.from_numpy(np.array(centres[:C])).to(dtype)
-        self.shards = [tnn.Parameter(full[s:s + n].clone()) for s, n in zip(self.starts, sizes)]
+        self.shards = [tnn.Parameter(full[s : s + n].clone()) for s, n in zip(self.starts, sizes)]
         self.backbone = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD([{"params": self.backbone}, {"params": self.shards}], lr=0.1, momentum=0.9,
-                                   weight_decay=5e-4)
+        self.opt = torch.optim.SGD(
+            [{"params": self.backbone}, {"params": self.shards}], lr=0.1, momentum=0.9, weight_decay=5e-4
+        )
         self.warmup = STEPS_PER_EPOCH * warmup_epochs
         self.total = STEPS_PER_EPOCH * NUM_EPOCHS
         self.t = 0
@@ -148,8 +162,10 @@ class ReferenceTrainer:
                 p_target[rows] += p[rows, tc[rows]]  # all-reduce SUM of each row's owning shard
             self.capped_loss = float(torch.mean(-torch.log(torch.clamp(p_target, min=1e-30))))  # what it logs
             # The same without the 1e-30 floor (docs/deviations.md 2(a)): log-sum-exp minus the target logit.
-            target_logit = sum(torch.where(tc >= 0, x[torch.arange(n), tc.clamp(min=0)], torch.zeros((), dtype=self.dtype))
-                               for x, tc in zip(logits, target_cols))
+            target_logit = sum(
+                torch.where(tc >= 0, x[torch.arange(n), tc.clamp(min=0)], torch.zeros((), dtype=self.dtype))
+                for x, tc in zip(logits, target_cols)
+            )
             cls_loss = torch.mean(torch.log(total[:, 0]) + top[:, 0] - target_logit)
         for x, p, tc in zip(logits, probs, target_cols):
             onehot = F.one_hot(torch.clamp(tc, min=0), p.shape[1]).to(p.dtype) * (tc >= 0).to(p.dtype)[:, None]
@@ -195,8 +211,11 @@ def jax_config(method, warmup_epochs):
 def jax_trainable(state):
     variables = {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
     torch_keys = convert.flax_to_torch(jax.tree.map(np.asarray, variables), "r_tiny", D, SIZE, WIDTH)
-    out = {k: v for k, v in torch_keys.items() if not k.endswith(("running_mean", "running_var",
-                                                                   "num_batches_tracked")) and k != "features.weight"}
+    out = {
+        k: v
+        for k, v in torch_keys.items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")) and k != "features.weight"
+    }
     out["centres"] = np.asarray(state["params"]["head"]["centres"])[:C]
     return out
 
@@ -209,8 +228,13 @@ def initial_state(method, world, warmup_epochs):
 
 
 def build_step(method, world, warmup_epochs):
-    return step_lib.build(jax_config(method, warmup_epochs), num_classes=C, steps_per_epoch=STEPS_PER_EPOCH,
-                          total_steps=STEPS_PER_EPOCH * NUM_EPOCHS, mesh=Mesh(np.array(jax.devices()[:world]), ("data",)))
+    return step_lib.build(
+        jax_config(method, warmup_epochs),
+        num_classes=C,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        total_steps=STEPS_PER_EPOCH * NUM_EPOCHS,
+        mesh=Mesh(np.array(jax.devices()[:world]), ("data",)),
+    )
 
 
 def run_jax(method, world, batches, consts, warmup_epochs):
@@ -243,15 +267,17 @@ def make_batches(world, seed=0):
         credible = np.zeros(N, bool)
         for r in range(world):
             credible[r * b + rng.choice(b, k, replace=False)] = True
-        batches.append({
-            "image": rng.randint(0, 256, (N, SIZE, SIZE, 3)).astype(np.uint8),
-            "label": rng.randint(0, C, N).astype(np.int32),
-            "index": np.arange(N, dtype=np.int32),
-            "old_raw": raw,
-            # What the trainer feeds (data.old_embeddings.batch_arrays): row-L2-normalised old embeddings.
-            "old_features": raw / np.linalg.norm(raw, axis=1, keepdims=True),
-            "credible": credible,
-        })
+        batches.append(
+            {
+                "image": rng.randint(0, 256, (N, SIZE, SIZE, 3)).astype(np.uint8),
+                "label": rng.randint(0, C, N).astype(np.int32),
+                "index": np.arange(N, dtype=np.int32),
+                "old_raw": raw,
+                # What the trainer feeds (data.old_embeddings.batch_arrays): row-L2-normalised old embeddings.
+                "old_features": raw / np.linalg.norm(raw, axis=1, keepdims=True),
+                "credible": credible,
+            }
+        )
     return batches
 
 
@@ -267,7 +293,8 @@ def zero_gradient(key):
     """Biases whose output goes straight into a train-mode BatchNorm, which removes any per-channel constant: a
     block's ``bn3`` and shortcut BN biases (the sum feeds the next block's ``bn1`` or the head's ``bn2``) and the
     head's ``bn2`` bias (flatten -> fc -> BN1d). Their gradient is exactly zero; both sides hold rounding noise
-    (~1e-9) there, so they are checked to stay at zero instead of relatively."""
+    (~1e-9) there, so they are checked to stay at zero instead of relatively.
+    """
     return key.endswith(("bn3.bias", "downsample.1.bias")) or key == "bn2.bias"
 
 
@@ -296,10 +323,18 @@ def test_jax_step_matches_pytorch_reference(method, warmup_epochs, world):
         consts = {"prototypes": padded}
     initial, jax_losses, jax_after = run_jax(method, world, batches, consts, warmup_epochs)
 
-    state_dict = convert.flax_to_torch({"params": initial["params"]["backbone"], "batch_stats": initial["batch_stats"]},
-                                       "r_tiny", D, SIZE, WIDTH)
-    ref = ReferenceTrainer(state_dict, initial["params"]["head"]["centres"], world=world, method=method,
-                           warmup_epochs=warmup_epochs, prototypes=protos, dtype=torch.float64)
+    state_dict = convert.flax_to_torch(
+        {"params": initial["params"]["backbone"], "batch_stats": initial["batch_stats"]}, "r_tiny", D, SIZE, WIDTH
+    )
+    ref = ReferenceTrainer(
+        state_dict,
+        initial["params"]["head"]["centres"],
+        world=world,
+        method=method,
+        warmup_epochs=warmup_epochs,
+        prototypes=protos,
+        dtype=torch.float64,
+    )
     worst = {}
     for i, batch in enumerate(batches, start=1):
         loss = ref.step(batch)
@@ -314,6 +349,8 @@ def test_jax_step_matches_pytorch_reference(method, warmup_epochs, world):
                 rel = max_relative(jax_after[i][key], want)
                 worst[(i, key)] = rel
                 assert rel < RTOL, f"{method} W={world} step {i} {key}: max relative difference {rel:.2e}"
-    print(f"\n{method} W={world}: losses JAX {jax_losses} torch-last {loss:.6f}; max relative parameter "
-          f"difference after step 1 {max(v for (i, _), v in worst.items() if i == 1):.2e}, after step {STEPS} "
-          f"{max(v for (i, _), v in worst.items() if i == STEPS):.2e}")
+    print(
+        f"\n{method} W={world}: losses JAX {jax_losses} torch-last {loss:.6f}; max relative parameter "
+        f"difference after step 1 {max(v for (i, _), v in worst.items() if i == 1):.2e}, after step {STEPS} "
+        f"{max(v for (i, _), v in worst.items() if i == STEPS):.2e}"
+    )

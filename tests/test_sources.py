@@ -184,11 +184,13 @@ def test_tfds_source_reads_without_tensorflow(tfds_dir):
     import subprocess
     import sys
 
-    code = (f"import sys; from mixbct_jax.data import pipeline, sources\n"
-            f"s = sources.open_source('tfds:mixbct_tiny_faces:train,data_dir={tfds_dir[0]}')\n"
-            f"b = next(pipeline.train_batches(s, None, global_batch=4, seed=0, threads=0))\n"
-            f"assert b['image'].shape == (4, 6, 6, 3), b['image'].shape\n"
-            f"print('TF', sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+    code = (
+        f"import sys; from mixbct_jax.data import pipeline, sources\n"
+        f"s = sources.open_source('tfds:mixbct_tiny_faces:train,data_dir={tfds_dir[0]}')\n"
+        f"b = next(pipeline.train_batches(s, None, global_batch=4, seed=0, threads=0))\n"
+        f"assert b['image'].shape == (4, 6, 6, 3), b['image'].shape\n"
+        f"print('TF', sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "TF []" in result.stdout, result.stdout
@@ -244,8 +246,15 @@ def test_classes_option_restricts_any_source_and_relabels():
         open_source("synthetic:num_classes=10,classes=50:60")
 
 
-@pytest.mark.parametrize("label, why", [(-3, "is negative"), (2.5, "is not a whole number"),
-                                        (np.nan, "is not a finite number"), (1e9, "is >= the number of classes")])
+@pytest.mark.parametrize(
+    "label, why",
+    [
+        (-3, "is negative"),
+        (2.5, "is not a whole number"),
+        (np.nan, "is not a finite number"),
+        (1e9, "is >= the number of classes"),
+    ],
+)
 def test_npz_bad_label_names_file_and_row(tmp_path, label, why):
     labels = np.array([0, 1, label, 1], np.float64)
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 5, 5), np.uint8), label=labels)
@@ -254,7 +263,7 @@ def test_npz_bad_label_names_file_and_row(tmp_path, label, why):
 
 
 def test_decode_rgb_matches_opencv_on_omniglot_jpegs(omniglot_dir):
-    """simplejpeg (accurate IDCT, fancy upsampling) gives OpenCV's pixels, grey and colour, 4:2:0 and 4:4:4."""
+    """Simplejpeg (accurate IDCT, fancy upsampling) gives OpenCV's pixels, grey and colour, 4:2:0 and 4:4:4."""
     with np.load(omniglot_dir / "omniglot_small_28.npz") as z:
         strokes = z["images"][:40]
     rng = np.random.default_rng(0)

@@ -13,7 +13,8 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from mixbct_jax import config as config_lib, step as step_lib
+from mixbct_jax import config as config_lib
+from mixbct_jax import step as step_lib
 from mixbct_jax.heads import margin, sharded_fc
 
 C, N, D, SIZE = 10, 16, 16, 32
@@ -30,15 +31,19 @@ def tiny_config(**head):
 def build(config, method_name="none", devices=None, mode="shard_map"):
     devices = devices if devices is not None else jax.devices()
     config.bct.method, config.parallel = method_name, mode
-    ts = step_lib.build(config, num_classes=C, steps_per_epoch=10, total_steps=100,
-                        mesh=Mesh(np.array(devices), ("data",)))
+    ts = step_lib.build(
+        config, num_classes=C, steps_per_epoch=10, total_steps=100, mesh=Mesh(np.array(devices), ("data",))
+    )
     return ts, ts.init_fn(jax.random.key(0))
 
 
 def make_batch(seed=0):
     rng = np.random.RandomState(seed)
-    return {"image": rng.randint(0, 256, (N, SIZE, SIZE, 3)).astype(np.uint8),
-            "label": rng.randint(0, C, N).astype(np.int32), "index": np.arange(N, dtype=np.int32)}
+    return {
+        "image": rng.randint(0, 256, (N, SIZE, SIZE, 3)).astype(np.uint8),
+        "label": rng.randint(0, C, N).astype(np.int32),
+        "index": np.arange(N, dtype=np.int32),
+    }
 
 
 def reference_step(model, tx, state, batch, num_chunks, head_type="arcface"):
@@ -50,8 +55,12 @@ def reference_step(model, tx, state, batch, num_chunks, head_type="arcface"):
     def loss_fn(params):
         embs, stats = [], []
         for chunk in np.split(images, num_chunks):
-            e, mut = model.apply({"params": params["backbone"], "batch_stats": state["batch_stats"]}, chunk,
-                                 train=True, mutable=["batch_stats"])
+            e, mut = model.apply(
+                {"params": params["backbone"], "batch_stats": state["batch_stats"]},
+                chunk,
+                train=True,
+                mutable=["batch_stats"],
+            )
             embs.append(e)
             stats.append(mut["batch_stats"])
         emb = jnp.concatenate(embs)  # [N, D]
@@ -146,8 +155,14 @@ def test_sharded_cross_entropy_equals_full_softmax_loss_and_gradients():
             return loss, ge, gw
 
         from jax.sharding import PartitionSpec as P
-        f = jax.shard_map(per_device_grads, mesh=mesh, in_specs=(P("data"), P("data"), P("data")),
-                          out_specs=(P(), P("data"), P("data")), check_vma=False)
+
+        f = jax.shard_map(
+            per_device_grads,
+            mesh=mesh,
+            in_specs=(P("data"), P("data"), P("data")),
+            out_specs=(P(), P("data"), P("data")),
+            check_vma=False,
+        )
         return f(emb, labels, centres)
 
     def full(emb, centres):

@@ -6,12 +6,13 @@ import pathlib
 import pickle
 
 import cv2
-
 import jax
 import numpy as np
 import pytest
 
-from mixbct_jax import checkpoint, config as config_lib, step as step_lib, train
+from mixbct_jax import checkpoint, train
+from mixbct_jax import config as config_lib
+from mixbct_jax import step as step_lib
 from mixbct_jax.data import recordio
 from mixbct_jax.data.synthetic import SyntheticFaces
 
@@ -51,8 +52,14 @@ def record_steps(monkeypatch) -> list[dict]:
         par = original(*args, **kwargs)
 
         def step(state, batch, key, consts):
-            record = dict(par=par, step=par.step, state_in=jax.device_get(state), batch=jax.device_get(batch),
-                          key=key, consts=consts)
+            record = dict(
+                par=par,
+                step=par.step,
+                state_in=jax.device_get(state),
+                batch=jax.device_get(batch),
+                key=key,
+                consts=consts,
+            )
             state, metrics = par.step(state, batch, key, consts)  # donates the state: copy it before, as above
             records.append(dict(record, state_out=jax.device_get(state), metrics=jax.device_get(metrics)))
             return state, metrics
@@ -172,7 +179,8 @@ def test_finished_run_is_not_retrained(straight_run, capsys):
 
 def test_resuming_with_another_data_order_is_refused(straight_run, tmp_path, monkeypatch):
     """The checkpoint's input state (checkpoints/<step>/data) must match what the run resumes with: a changed seed
-    is refused by the config guard first; a changed data set behind the same spec by the input state."""
+    is refused by the config guard first; a changed data set behind the same spec by the input state.
+    """
     assert json.loads((straight_run / "checkpoints" / "6" / "data" / "metadata").read_text())["step"] == 6
     with pytest.raises(ValueError, match=r"another config \(seed: 0 -> 1\).*resume_allow=seed"):
         train.train_and_evaluate(quick(6, seed=1), straight_run)

@@ -29,6 +29,7 @@ MAX_ABS = 1e-4
 # PyTorch reference (the reference MixBCT code's backbones/vit.py), insightface module names
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class TorchAttention(tnn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -76,8 +77,7 @@ class PatchEmbed(tnn.Module):
 
 
 class TorchViT(tnn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, embedding_size: int, input_size: int = 112,
-                 patch: int = 9):
+    def __init__(self, dim: int, depth: int, heads: int, embedding_size: int, input_size: int = 112, patch: int = 9):
         super().__init__()
         self.num_patches = (input_size // patch) ** 2
         self.dim = dim
@@ -86,8 +86,11 @@ class TorchViT(tnn.Module):
         self.blocks = tnn.ModuleList([TorchBlock(dim, heads) for _ in range(depth)])
         self.norm = tnn.LayerNorm(dim)
         self.feature = tnn.Sequential(
-            tnn.Linear(dim * self.num_patches, dim, bias=False), tnn.BatchNorm1d(dim, eps=2e-5),
-            tnn.Linear(dim, embedding_size, bias=False), tnn.BatchNorm1d(embedding_size, eps=2e-5))
+            tnn.Linear(dim * self.num_patches, dim, bias=False),
+            tnn.BatchNorm1d(dim, eps=2e-5),
+            tnn.Linear(dim, embedding_size, bias=False),
+            tnn.BatchNorm1d(embedding_size, eps=2e-5),
+        )
         self.mask_token = tnn.Parameter(torch.zeros(1, 1, dim))
 
     def forward(self, x, keep=None):
@@ -112,13 +115,13 @@ def _complement(keep: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([torch.nonzero(row).flatten() for row in dropped])
 
 
-TORCH_DIMS = {"vit_t": (256, 12, 8), "vit_s": (512, 12, 8), "vit_b": (512, 24, 8),
-              "vit_l_dp005_mask_005": (768, 24, 8)}
+TORCH_DIMS = {"vit_t": (256, 12, 8), "vit_s": (512, 12, 8), "vit_b": (512, 24, 8), "vit_l_dp005_mask_005": (768, 24, 8)}
 
 
 def randomize(model: TorchViT, seed: int, input_size: int, calib: int = 8) -> TorchViT:
     """Random weights everywhere (LayerNorm and BN affine too); BN running statistics from a calibration batch,
-    so every layer sees O(1) inputs and the 1e-4 bound means something."""
+    so every layer sees O(1) inputs and the 1e-4 bound means something.
+    """
     g = torch.Generator().manual_seed(seed)
 
     def calibrate(bn, inputs):
@@ -169,6 +172,7 @@ def tiny_torch(seed: int) -> TorchViT:
 # Layout and parameter counts
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", sorted(TORCH_DIMS))
 def test_parameter_counts_keys_and_shapes_match_pytorch(arch):
     with torch.device("meta"):  # no memory: shapes only
@@ -179,16 +183,23 @@ def test_parameter_counts_keys_and_shapes_match_pytorch(arch):
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"])) == want
     leaves = convert.leaf_map(arch, 512)
     assert [(leaf.torch_key, leaf.torch_shape) for leaf in leaves] == [
-        (k, tuple(v.shape)) for k, v in ref.state_dict().items()]
+        (k, tuple(v.shape)) for k, v in ref.state_dict().items()
+    ]
 
 
 def test_registered_variants_follow_spec():
     assert vit.drop_path_rates(0.1, 12) == pytest.approx(torch.linspace(0, 0.1, 12).tolist(), abs=1e-7)
     assert vit.num_kept_tokens(144, 0.1) == 129 and vit.num_kept_tokens(144, 0.05) == 136
-    spec = {"vit_t": (256, 12, 0.1, 0.1, False), "vit_t_dp005_mask0": (256, 12, 0.05, 0.0, False),
-            "vit_s": (512, 12, 0.1, 0.1, False), "vit_s_dp005_mask_0": (512, 12, 0.05, 0.0, False),
-            "vit_b": (512, 24, 0.1, 0.1, True), "vit_b_dp005_mask_005": (512, 24, 0.05, 0.05, True),
-            "vit_l_dp005_mask_005": (768, 24, 0.05, 0.05, True), "vit_l": (768, 24, 0.05, 0.05, True)}
+    spec = {
+        "vit_t": (256, 12, 0.1, 0.1, False),
+        "vit_t_dp005_mask0": (256, 12, 0.05, 0.0, False),
+        "vit_s": (512, 12, 0.1, 0.1, False),
+        "vit_s_dp005_mask_0": (512, 12, 0.05, 0.0, False),
+        "vit_b": (512, 24, 0.1, 0.1, True),
+        "vit_b_dp005_mask_005": (512, 24, 0.05, 0.05, True),
+        "vit_l_dp005_mask_005": (768, 24, 0.05, 0.05, True),
+        "vit_l": (768, 24, 0.05, 0.05, True),
+    }
     for arch, (e, depth, dp, mask, remat) in spec.items():
         net = models.build(arch, embedding_size=512)
         got = (net.embed_dim, net.depth, net.drop_path, net.mask_ratio, net.remat)
@@ -201,6 +212,7 @@ def test_registered_variants_follow_spec():
 # ---------------------------------------------------------------------------------------------------------------
 # PyTorch parity (eval mode, float32, random weights)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_vit_t_import_matches_pytorch(tmp_path):
     model = randomize(TorchViT(*TORCH_DIMS["vit_t"], embedding_size=128), seed=1, input_size=112)
@@ -219,8 +231,7 @@ def test_vit_t_import_matches_pytorch(tmp_path):
 def test_tiny_vit_export_import_round_trip(tmp_path):
     model = tiny_torch(seed=3)
     net = models.build("vit_tiny", embedding_size=32, input_size=32)
-    variables = convert.torch_to_flax({k: v.numpy() for k, v in model.state_dict().items()}, "vit_tiny",
-                                      input_size=32)
+    variables = convert.torch_to_flax({k: v.numpy() for k, v in model.state_dict().items()}, "vit_tiny", input_size=32)
     x, xt = batch(seed=4, n=4, size=32)
     np.testing.assert_allclose(flax_eval(net, variables, x), torch_eval(model, xt), rtol=0, atol=MAX_ABS)
     # Export through the command line from a run directory; PyTorch loads it strictly, in its own key order.
@@ -241,18 +252,25 @@ def test_wrong_patch_size_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"First mismatch: pos_embed.*pass --patch_size 8 --input_size 32"):
         convert.torch_to_flax(state, "vit_tiny", input_size=32)
     with pytest.raises(ValueError, match="pass --arch vit_s"):
-        convert.torch_to_flax({k: np.zeros(v.shape, np.float32) for k, v in convert.flax_to_torch(
-            jax.tree.map(lambda s: np.zeros(s.shape, np.float32), convert.abstract_variables("vit_s", 16)),
-            "vit_s").items()}, "vit_t")
+        convert.torch_to_flax(
+            {
+                k: np.zeros(v.shape, np.float32)
+                for k, v in convert.flax_to_torch(
+                    jax.tree.map(lambda s: np.zeros(s.shape, np.float32), convert.abstract_variables("vit_s", 16)),
+                    "vit_s",
+                ).items()
+            },
+            "vit_t",
+        )
 
 
 def test_training_masking_matches_pytorch_with_the_same_kept_tokens():
     """Train mode, drop path 0: keep / encode / LN / fill with mask_token / un-shuffle, then BN on batch stats."""
     model = tiny_torch(seed=5)
-    variables = convert.torch_to_flax({k: v.numpy() for k, v in model.state_dict().items()}, "vit_tiny",
-                                      input_size=32)
-    net = vit.VisionTransformer(embed_dim=64, depth=2, num_heads=4, mask_ratio=0.25, embedding_size=32,
-                                input_size=32, patch_size=4)
+    variables = convert.torch_to_flax({k: v.numpy() for k, v in model.state_dict().items()}, "vit_tiny", input_size=32)
+    net = vit.VisionTransformer(
+        embed_dim=64, depth=2, num_heads=4, mask_ratio=0.25, embedding_size=32, input_size=32, patch_size=4
+    )
     x, xt = batch(seed=6, n=4, size=32)
     seen = {}
 
@@ -277,6 +295,7 @@ def test_training_masking_matches_pytorch_with_the_same_kept_tokens():
 # Randomness: training only, driven by the 'dropout' key
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_masking_and_drop_path_only_in_training():
     net = models.build("vit_tiny", embedding_size=16, input_size=16)  # 16 tokens: quick to compile
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
@@ -299,8 +318,9 @@ def test_masking_and_drop_path_only_in_training():
     # With masking and drop path off, training differs from evaluation only by BatchNorm's batch statistics.
     plain = net.clone(mask_ratio=0.0, drop_path=0.0)
     plain_fn = jax.jit(lambda v, x, k: plain.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": k})[0])
-    np.testing.assert_array_equal(np.asarray(plain_fn(variables, x, jax.random.key(2))),
-                                  np.asarray(plain_fn(variables, x, jax.random.key(3))))
+    np.testing.assert_array_equal(
+        np.asarray(plain_fn(variables, x, jax.random.key(2))), np.asarray(plain_fn(variables, x, jax.random.key(3)))
+    )
 
 
 def test_stochastic_depth_drops_whole_samples_and_rescales():
@@ -317,12 +337,18 @@ def test_remat_and_bfloat16():
     net = models.build("vit_tiny", embedding_size=16, input_size=16)
     variables = net.init(jax.random.key(0), x, train=False)
     rematted = models.build("vit_tiny", embedding_size=16, input_size=16, remat="on")
-    assert rematted.remat and jax.tree.structure(rematted.init(jax.random.key(0), x, train=False)) == \
-        jax.tree.structure(variables)
+    assert rematted.remat and jax.tree.structure(
+        rematted.init(jax.random.key(0), x, train=False)
+    ) == jax.tree.structure(variables)
 
     def loss(net, params):
-        out, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                           mutable=["batch_stats"], rngs={"dropout": jax.random.key(4)})
+        out, _ = net.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(4)},
+        )
         return jnp.sum(out**2)
 
     g0, g1 = (jax.jit(jax.grad(lambda p, n=n: loss(n, p)))(variables["params"]) for n in (net, rematted))
@@ -338,6 +364,7 @@ def test_remat_and_bfloat16():
 # ---------------------------------------------------------------------------------------------------------------
 # End to end: a tiny ViT through train_and_evaluate, extract and evaluate
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_tiny_vit_trains_extracts_and_evaluates(tmp_path):
     config = config_lib.load(ROOT / "configs" / "quickstart_vit.py", "runlocal")
@@ -377,12 +404,19 @@ def test_train_step_masks_from_the_step_key_reproducibly():
     par = step_lib.build(c, num_classes=6, steps_per_epoch=5, total_steps=10, mesh=Mesh(np.array(devices), ("data",)))
     state = par.init_fn(jax.random.key(0))
     rng = np.random.RandomState(0)
-    host = {"image": rng.randint(0, 256, (8, 16, 16, 3)).astype(np.uint8),
-            "label": rng.randint(0, 6, 8).astype(np.int32), "index": np.arange(8, dtype=np.int32)}
+    host = {
+        "image": rng.randint(0, 256, (8, 16, 16, 3)).astype(np.uint8),
+        "label": rng.randint(0, 6, 8).astype(np.int32),
+        "index": np.arange(8, dtype=np.int32),
+    }
 
     def run(key):
-        st, metrics = par.step(par.to_device(jax.tree.map(np.copy, jax.device_get(state))), par.put_batch(host),
-                               jax.random.key(key), par.consts_to_device({}))
+        st, metrics = par.step(
+            par.to_device(jax.tree.map(np.copy, jax.device_get(state))),
+            par.put_batch(host),
+            jax.random.key(key),
+            par.consts_to_device({}),
+        )
         return np.asarray(st["params"]["backbone"]["patch_embed"]["kernel"]), float(metrics["loss"])
 
     (a, loss_a), (b, loss_b), (c2, loss_c) = run(1), run(1), run(2)

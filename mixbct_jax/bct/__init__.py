@@ -15,8 +15,9 @@ import pathlib
 from mixbct_jax.bct.api import ClassFile, Field, Method
 
 # Every module of this package except the contract itself, in a fixed order.
-METHODS = tuple(sorted(p.stem for p in pathlib.Path(__file__).parent.glob("*.py")
-                       if not p.stem.startswith("_") and p.stem != "api"))
+METHODS = tuple(
+    sorted(p.stem for p in pathlib.Path(__file__).parent.glob("*.py") if not p.stem.startswith("_") and p.stem != "api")
+)
 
 
 def get(name: str) -> Method:

@@ -43,13 +43,17 @@ from mixbct_jax.numerics import safe_norm
 _BN_EPS = 1e-5  # PyTorch BatchNorm1d
 _META = "python -m mixbct_jax.prepare advbct-meta"
 # The arrays of the meta file (data.old_stats.advbct_meta) -> the per-class tables fed by label, and their dtypes.
-_META_TABLES = {"centers": ("advbct_center", np.float32), "radius_max": ("advbct_radius_max", np.float32),
-                "num_kept": ("advbct_num_kept", np.int32)}
+_META_TABLES = {
+    "centers": ("advbct_center", np.float32),
+    "radius_max": ("advbct_radius_max", np.float32),
+    "num_kept": ("advbct_num_kept", np.int32),
+}
 
 
 def load_meta(path: str) -> dict[str, np.ndarray]:
     """The class meta ``.npz`` of ``prepare advbct-meta`` -> ``{'advbct_center' [C, D], 'advbct_radius_max' [C],
-    'advbct_num_kept' [C]}`` (the batch keys they are fed under)."""
+    'advbct_num_kept' [C]}`` (the batch keys they are fed under).
+    """
     hint = f"write it with `{_META}`"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"AdvBCT meta file {path} does not exist; {hint}")
@@ -66,15 +70,18 @@ def _linear_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Arr
     return {"kernel": init(kw, (fan_in, fan_out)), "bias": init(kb, (fan_out,))}
 
 
-def init(key: jax.Array, *, config, embedding_size: int, num_classes: int,
-         num_shards: int | None = None) -> tuple[dict, dict]:
+def init(
+    key: jax.Array, *, config, embedding_size: int, num_classes: int, num_shards: int | None = None
+) -> tuple[dict, dict]:
     """Discriminator weights and the eboundary vector ``w`` [C] (U(-1, 1)); no state."""
     del num_shards
     hidden = config.bct.advbct_hidden
     k1, k2, k3 = jax.random.split(key, 3)
-    discriminator = {"dense1": _linear_init(k1, embedding_size, hidden),
-                     "bn": {"scale": jnp.ones((hidden,), jnp.float32), "bias": jnp.zeros((hidden,), jnp.float32)},
-                     "dense2": _linear_init(k2, hidden, 2)}
+    discriminator = {
+        "dense1": _linear_init(k1, embedding_size, hidden),
+        "bn": {"scale": jnp.ones((hidden,), jnp.float32), "bias": jnp.zeros((hidden,), jnp.float32)},
+        "dense2": _linear_init(k2, hidden, 2),
+    }
     eboundary = jax.random.uniform(k3, (num_classes,), jnp.float32, -1.0, 1.0)
     return {"discriminator": discriminator, "eboundary": eboundary}, {}
 
@@ -111,8 +118,16 @@ def grl_coefficient(progress: jax.Array) -> jax.Array:
     return 2.0 / (1.0 + jnp.exp(-10.0 * progress)) - 1.0
 
 
-def boundary_terms(embeddings: jax.Array, labels: jax.Array, eboundary: jax.Array, *, center: jax.Array,
-                   radius_max: jax.Array, num_kept: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
+def boundary_terms(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    eboundary: jax.Array,
+    *,
+    center: jax.Array,
+    radius_max: jax.Array,
+    num_kept: jax.Array,
+    threshold: float,
+) -> tuple[jax.Array, jax.Array]:
     """Per-example point-to-set distances outside the elastic class boundary.
 
     Args:
@@ -152,15 +167,25 @@ def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     nll = (jnp.sum(-out_new[:, 0]) + jnp.sum(-out_old[:, 1])) / n  # share of mean NLL(new, 0) + mean NLL(old, 1)
 
     # Point-to-set boundary term, normalised by the global count of positive terms.
-    t, active = boundary_terms(emb, labels, params["eboundary"], center=batch["advbct_center"].astype(jnp.float32),
-                               radius_max=batch["advbct_radius_max"].astype(jnp.float32),
-                               num_kept=batch["advbct_num_kept"], threshold=cfg.advbct_threshold)
+    t, active = boundary_terms(
+        emb,
+        labels,
+        params["eboundary"],
+        center=batch["advbct_center"].astype(jnp.float32),
+        radius_max=batch["advbct_radius_max"].astype(jnp.float32),
+        num_kept=batch["advbct_num_kept"],
+        threshold=cfg.advbct_threshold,
+    )
     count = jax.lax.psum(jnp.sum(active), axis)
     p2s = cfg.advbct_p2s_weight * jnp.sum(jnp.where(active, t, 0.0)) / jnp.maximum(count, 1)
 
     correct = jnp.sum(jnp.argmax(out_new, axis=1) == 0) + jnp.sum(jnp.argmax(out_old, axis=1) == 1)
-    shares = {"advbct/adv": nll, "advbct/p2s": p2s, "advbct/p2s_active": jnp.sum(active).astype(jnp.float32),
-              "advbct/disc_accuracy": correct.astype(jnp.float32) / (2 * n)}
+    shares = {
+        "advbct/adv": nll,
+        "advbct/p2s": p2s,
+        "advbct/p2s_active": jnp.sum(active).astype(jnp.float32),
+        "advbct/disc_accuracy": correct.astype(jnp.float32) / (2 * n),
+    }
     metrics = jax.lax.psum(jax.lax.stop_gradient(shares), axis)
     metrics["advbct/alpha"] = alpha  # the same on every device
     return p2s + adv_scale * nll, ctx.state, metrics

@@ -194,6 +194,9 @@ class Method:
 
     def state_specs(self, state: PyTree) -> PyTree:
         """PartitionSpecs of the method state: ``class_sharded_state`` split by rows over ``AXIS``, the rest
-        replicated."""
-        return {k: jax.tree.map(lambda _, s=P(AXIS) if k in self.class_sharded_state else P(): s, v)
-                for k, v in state.items()}
+        replicated.
+        """
+        return {
+            k: jax.tree.map(lambda _, s=P(AXIS) if k in self.class_sharded_state else P(): s, v)
+            for k, v in state.items()
+        }

@@ -26,23 +26,33 @@ from mixbct_jax.heads.prototypes import influence_loss
 from mixbct_jax.numerics import global_mean_share
 
 _CLASS_MEANS = "python -m mixbct_jax.prepare class-means"
-PROTOTYPES = api.ClassFile(field="prototypes", command=_CLASS_MEANS,
-                           load=api.npy_table("prototypes", "prototypes", _CLASS_MEANS),
-                           doc="class means [C, D] (BCT, UniBCT)")
+PROTOTYPES = api.ClassFile(
+    field="prototypes",
+    command=_CLASS_MEANS,
+    load=api.npy_table("prototypes", "prototypes", _CLASS_MEANS),
+    doc="class means [C, D] (BCT, UniBCT)",
+)
 
 
 def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     """``influence_weight * L_BCT`` as this device's share of the global-batch mean; ``bct/influence`` = L_BCT."""
-    loss = jnp.mean(influence_loss(ctx.embeddings, ctx.labels, ctx.consts["prototypes"],
-                                   axis_name=ctx.axis_name))  # replicated on every device
+    loss = jnp.mean(
+        influence_loss(ctx.embeddings, ctx.labels, ctx.consts["prototypes"], axis_name=ctx.axis_name)
+    )  # replicated on every device
     share = global_mean_share(ctx.config.bct.influence_weight * loss, ctx.axis_name)
     return share, ctx.state, {"bct/influence": jax.lax.stop_gradient(loss)}
 
 
 METHOD = api.Method(
     name="bct",
-    config=(api.Field("influence_weight", 1.0, "BCT/UniBCT: weight of the influence loss (CE of n(e) . prototypes)",
-                      interval=(0, None, True, None)),),
+    config=(
+        api.Field(
+            "influence_weight",
+            1.0,
+            "BCT/UniBCT: weight of the influence loss (CE of n(e) . prototypes)",
+            interval=(0, None, True, None),
+        ),
+    ),
     # The reference's warm-up of -1 epoch (an off-by-one): its learning rate starts at 0.1 * (35/36)^2.
     presets={"bct": {"optim.warmup_epochs": -1.0}},
     class_files=(PROTOTYPES,),

@@ -47,11 +47,15 @@ def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
 
 METHOD = api.Method(
     name="l2",
-    config=(api.Field("l2_weight", 10.0, "weight of the L2 hinge", interval=(0, None, True, None)),
-            api.Field("l2_threshold", 0.0, '0: "L2"; 0.2: "weakened L2"', interval=(0, None, True, None))),
+    config=(
+        api.Field("l2_weight", 10.0, "weight of the L2 hinge", interval=(0, None, True, None)),
+        api.Field("l2_threshold", 0.0, '0: "L2"; 0.2: "weakened L2"', interval=(0, None, True, None)),
+    ),
     # The reference's weight 10; "weakened L2" is this method with threshold 0.2.
-    presets={"l2": {"bct.l2_weight": 10.0, "bct.l2_threshold": 0.0},
-             "weakened_l2": {"bct.l2_weight": 10.0, "bct.l2_threshold": 0.2}},
+    presets={
+        "l2": {"bct.l2_weight": 10.0, "bct.l2_threshold": 0.0},
+        "weakened_l2": {"bct.l2_weight": 10.0, "bct.l2_threshold": 0.2},
+    },
     per_example=("old_features",),
     extra_loss=extra_loss,
 )

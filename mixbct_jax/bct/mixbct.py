@@ -43,8 +43,10 @@ def mix_rows(embeddings: jax.Array, batch: dict, *, key: jax.Array, config) -> t
     mask = choose_rows(key, credible, k)
     old = jax.lax.stop_gradient(batch["old_features"]).astype(embeddings.dtype)
     mixed = jnp.where(mask[:, None], old, embeddings)
-    counts = {"mix/rows": jnp.sum(mask).astype(jnp.float32),
-              "mix/short_devices": (jnp.sum(credible) < k).astype(jnp.float32)}
+    counts = {
+        "mix/rows": jnp.sum(mask).astype(jnp.float32),
+        "mix/short_devices": (jnp.sum(credible) < k).astype(jnp.float32),
+    }
     return mixed, counts
 
 
@@ -56,8 +58,14 @@ def before_head(ctx: api.StepContext) -> tuple[jax.Array, dict]:
 
 METHOD = api.Method(
     name="mixbct",
-    config=(api.Field("mix_ratio", 0.3, "MixBCT: share of each device's rows replaced by credible old embeddings",
-                      interval=(0, 1, True, True)),),
+    config=(
+        api.Field(
+            "mix_ratio",
+            0.3,
+            "MixBCT: share of each device's rows replaced by credible old embeddings",
+            interval=(0, 1, True, True),
+        ),
+    ),
     presets={"mixbct": {}},
     per_example=("old_features", "credible"),
     before_head=before_head,

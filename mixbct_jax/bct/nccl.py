@@ -46,8 +46,9 @@ from mixbct_jax.heads.sharded_fc import gather_rows, l2_normalize, padded_rows
 from mixbct_jax.numerics import global_mean_share, scale_grad, sum_over_shards
 
 
-def init(key: jax.Array, *, config, embedding_size: int, num_classes: int,
-         num_shards: int | None = None) -> tuple[dict, dict]:
+def init(
+    key: jax.Array, *, config, embedding_size: int, num_classes: int, num_shards: int | None = None
+) -> tuple[dict, dict]:
     """Empty queues: features [Q, D] zeros, labels [Q] -1, logits [C_padded, Q] zeros, write pointer 0.
 
     The logit queue has the centres' padded row count (``sharded_fc.padded_rows``); ``num_shards`` (the step's
@@ -87,8 +88,9 @@ def soft_contrastive(sim: jax.Array, weights: jax.Array, positive: jax.Array, va
     return -num / jnp.maximum(count, 1)
 
 
-def class_logits(embeddings: jax.Array, labels: jax.Array, centres: jax.Array, *, head, axis_name: str,
-                 normalize: bool, clamp: bool) -> jax.Array:
+def class_logits(
+    embeddings: jax.Array, labels: jax.Array, centres: jax.Array, *, head, axis_name: str, normalize: bool, clamp: bool
+) -> jax.Array:
     """The head's margin logits of ``embeddings`` against this device's centre shard, as NCCL's logit vectors.
 
     Args:
@@ -107,8 +109,14 @@ def class_logits(embeddings: jax.Array, labels: jax.Array, centres: jax.Array, *
     local = labels - jax.lax.axis_index(axis_name) * rows
     target_col = jnp.where((local >= 0) & (local < rows), local, -1)  # [N]
     cosine = jnp.clip(jnp.dot(l2_normalize(embeddings), l2_normalize(centres).T), -1.0, 1.0)  # [N, C_local]
-    logits = margin.apply(head.type, cosine, target_col, scale=head.scale, margins=tuple(head.margins),
-                          interclass_filtering_threshold=head.get("interclass_filtering_threshold", 0.0))
+    logits = margin.apply(
+        head.type,
+        cosine,
+        target_col,
+        scale=head.scale,
+        margins=tuple(head.margins),
+        interclass_filtering_threshold=head.get("interclass_filtering_threshold", 0.0),
+    )
     if clamp:
         logits = jnp.clip(logits, -1.0, 1.0)
     logits = jnp.where(jnp.any(centres != 0, axis=1)[None, :], logits, 0.0)  # padded classes contribute nothing
@@ -182,8 +190,10 @@ def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     l2 = soft_contrastive(sim2, weights2, all_labels[:, None] == queue_labels[None, :], valid)  # [N]
     l2_share = global_mean_share(cfg.nccl_beta * jnp.mean(l2), axis)
 
-    metrics = {"nccl/l1": jax.lax.psum(jax.lax.stop_gradient(jnp.sum(l1)) / ctx.global_batch, axis),
-               "nccl/l2": jax.lax.stop_gradient(jnp.mean(l2))}  # l2 is already replicated
+    metrics = {
+        "nccl/l1": jax.lax.psum(jax.lax.stop_gradient(jnp.sum(l1)) / ctx.global_batch, axis),
+        "nccl/l2": jax.lax.stop_gradient(jnp.mean(l2)),
+    }  # l2 is already replicated
     return l1_share + l2_share, state, metrics
 
 
@@ -203,11 +213,13 @@ METHOD = api.Method(
         api.Field("nccl_temperature", 1.0, "softmax temperature of both NCCL losses", interval=(0, None, False, None)),
         api.Field("nccl_logit_grad", True, "reference: False (its logit loss is built on a non-differentiable gather)"),
         api.Field("nccl_normalize_logits", True, "cosine of logit vectors; reference: False (raw dot products)"),
-        api.Field("nccl_clamp_logits", False,
-                  "reference: True (clamps the x s logits to [-1, 1], an fp16-branch artefact)"),
+        api.Field(
+            "nccl_clamp_logits", False, "reference: True (clamps the x s logits to [-1, 1], an fp16-branch artefact)"
+        ),
         api.Field("nccl_amplify_grad", False, "reference: True (the embedding-level gradient arrives x #devices)"),
-        api.Field("nccl_count_empty_slots", False,
-                  "reference: True (empty queue slots enter the softmax denominators)"),
+        api.Field(
+            "nccl_count_empty_slots", False, "reference: True (empty queue slots enter the softmax denominators)"
+        ),
     ),
     check=check,
     presets={"nccl": {}},

@@ -52,8 +52,9 @@ def extra_loss(ctx: api.StepContext) -> tuple[jax.Array, dict, dict]:
     """The influence loss, weighted 0 before ``unibct_start_epoch`` (still computed and reported)."""
     cfg = ctx.config.bct
     weight = jnp.where(ctx.epoch >= cfg.unibct_start_epoch, cfg.influence_weight, 0.0)
-    loss = jnp.mean(influence_loss(ctx.embeddings, ctx.labels, ctx.consts["prototypes"],
-                                   axis_name=ctx.axis_name))  # replicated on every device
+    loss = jnp.mean(
+        influence_loss(ctx.embeddings, ctx.labels, ctx.consts["prototypes"], axis_name=ctx.axis_name)
+    )  # replicated on every device
     share = global_mean_share(weight * loss, ctx.axis_name)
     return share, ctx.state, {"bct/influence": jax.lax.stop_gradient(loss)}
 
@@ -71,8 +72,9 @@ def _masked_softmax(logits: np.ndarray, valid: np.ndarray, axis: int) -> np.ndar
     return e / np.where(total > 0, total, 1.0)
 
 
-def _refine_block(v_new: np.ndarray, v_old: np.ndarray, valid: np.ndarray, *, lam: float, temperature: float,
-                  softmax_axis: int) -> np.ndarray:
+def _refine_block(
+    v_new: np.ndarray, v_old: np.ndarray, valid: np.ndarray, *, lam: float, temperature: float, softmax_axis: int
+) -> np.ndarray:
     """Refined prototypes of k classes padded to s rows: [k, s, D] x2, valid [k, s] -> [k, D]."""
     k, s = valid.shape
     sim = np.einsum("kid,kjd->kij", v_new, v_new) / temperature  # [k, s, s]
@@ -89,8 +91,9 @@ def _refine_block(v_new: np.ndarray, v_old: np.ndarray, valid: np.ndarray, *, la
     return (1.0 - lam) / n * np.einsum("ks,ksd->kd", u, v_old)
 
 
-def _refine_present(v_new: np.ndarray, v_old: np.ndarray, labels: np.ndarray, *, lam: float, temperature: float,
-                    softmax_axis: int) -> tuple[np.ndarray, np.ndarray]:
+def _refine_present(
+    v_new: np.ndarray, v_old: np.ndarray, labels: np.ndarray, *, lam: float, temperature: float, softmax_axis: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(classes present [k], their refined prototypes [k, D] float64); see ``refine_prototypes``."""
     if softmax_axis not in (0, 1):
         raise ValueError(f"softmax_axis must be 0 (columns, the reference) or 1 (rows); got {softmax_axis}")
@@ -106,19 +109,31 @@ def _refine_present(v_new: np.ndarray, v_old: np.ndarray, labels: np.ndarray, *,
         members = np.flatnonzero(padded == s)
         per_block = max(1, _BLOCK_ELEMENTS // (int(s) * int(s)))
         for first in range(0, members.size, per_block):
-            block = members[first:first + per_block]
+            block = members[first : first + per_block]
             offsets = np.arange(s)[None, :]
             valid = offsets < counts[block, None]  # [k, s]
             rows = order[starts[block, None] + np.where(valid, offsets, 0)]  # [k, s]
             out[block] = _refine_block(
-                np.where(valid[..., None], v_new[rows], 0.0), np.where(valid[..., None], v_old[rows], 0.0), valid,
-                lam=lam, temperature=temperature, softmax_axis=softmax_axis)
+                np.where(valid[..., None], v_new[rows], 0.0),
+                np.where(valid[..., None], v_old[rows], 0.0),
+                valid,
+                lam=lam,
+                temperature=temperature,
+                softmax_axis=softmax_axis,
+            )
     return classes, out
 
 
-def refine_prototypes(v_new: np.ndarray, v_old: np.ndarray, labels: np.ndarray, *, lam: float = 0.9,
-                      temperature: float = 0.05, softmax_axis: int = 0,
-                      num_classes: int | None = None) -> np.ndarray:
+def refine_prototypes(
+    v_new: np.ndarray,
+    v_old: np.ndarray,
+    labels: np.ndarray,
+    *,
+    lam: float = 0.9,
+    temperature: float = 0.05,
+    softmax_axis: int = 0,
+    num_classes: int | None = None,
+) -> np.ndarray:
     """UniBCT's propagated class prototypes, vectorised over classes (padded blocks of similar-size classes).
 
     Args:
@@ -135,8 +150,7 @@ def refine_prototypes(v_new: np.ndarray, v_old: np.ndarray, labels: np.ndarray, 
     Returns:
       [num_classes, D] float32 prototypes (not normalised); classes without examples get zero rows.
     """
-    classes, protos = _refine_present(v_new, v_old, labels, lam=lam, temperature=temperature,
-                                      softmax_axis=softmax_axis)
+    classes, protos = _refine_present(v_new, v_old, labels, lam=lam, temperature=temperature, softmax_axis=softmax_axis)
     num_classes = int(np.max(labels)) + 1 if num_classes is None else num_classes
     out = np.zeros((num_classes, protos.shape[1]), np.float32)
     out[classes] = protos
@@ -147,8 +161,9 @@ def _normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def compute_prototypes(config, *, embed_new: Callable[[np.ndarray], np.ndarray], old, labels: np.ndarray,
-                       num_classes: int) -> np.ndarray:
+def compute_prototypes(
+    config, *, embed_new: Callable[[np.ndarray], np.ndarray], old, labels: np.ndarray, num_classes: int
+) -> np.ndarray:
     """The refined [num_classes, D] table from the old embeddings and (in 'row' mode) the current new model.
 
     'column' (the reference) is the plain class mean of the raw old embeddings, so it is computed directly,
@@ -172,8 +187,9 @@ def compute_prototypes(config, *, embed_new: Callable[[np.ndarray], np.ndarray],
             idx = np.sort(order[start:end])
             v_new = _normalize_rows(np.asarray(embed_new(idx), np.float64))  # cosine affinities
             v_old = np.asarray(old.features[idx], np.float64)
-            classes, protos = _refine_present(v_new, v_old, labels[idx], lam=cfg.unibct_lambda,
-                                              temperature=cfg.unibct_temperature, softmax_axis=1)
+            classes, protos = _refine_present(
+                v_new, v_old, labels[idx], lam=cfg.unibct_lambda, temperature=cfg.unibct_temperature, softmax_axis=1
+            )
             table[classes] = protos
             start = end
     if cfg.unibct_normalize_prototypes:
@@ -181,8 +197,9 @@ def compute_prototypes(config, *, embed_new: Callable[[np.ndarray], np.ndarray],
     return table.astype(np.float32)
 
 
-def host_update(epoch: int, *, config, workdir, consts: dict, embed_new: Callable[[np.ndarray], np.ndarray],
-                old, subset) -> dict | None:
+def host_update(
+    epoch: int, *, config, workdir, consts: dict, embed_new: Callable[[np.ndarray], np.ndarray], old, subset
+) -> dict | None:
     """Refines the prototypes at the refinement epochs; on a resume, reloads the latest refined table.
 
     Returns:
@@ -198,10 +215,12 @@ def host_update(epoch: int, *, config, workdir, consts: dict, embed_new: Callabl
     if path.exists():
         # Every epoch after a refinement lands here; only a resumed run (initial table) needs the reload.
         table = np.load(path)
-        return None if np.array_equal(current[:table.shape[0]], table) else _pad(table, current.shape[0])
+        return None if np.array_equal(current[: table.shape[0]], table) else _pad(table, current.shape[0])
     if latest < epoch:
-        warnings.warn(f"UniBCT: {path} is missing; refining the prototypes of epoch {latest} again with the "
-                      f"current model at epoch {epoch}")
+        warnings.warn(
+            f"UniBCT: {path} is missing; refining the prototypes of epoch {latest} again with the "
+            f"current model at epoch {epoch}"
+        )
     labels = np.asarray(subset.labels).astype(np.int64)
     num_classes = config.model.num_classes if config.model.num_classes > 0 else subset.num_classes
     table = compute_prototypes(config, embed_new=embed_new, old=old, labels=labels, num_classes=num_classes)
@@ -220,22 +239,39 @@ _CLASS_MEANS = "python -m mixbct_jax.prepare class-means"
 METHOD = api.Method(
     name="unibct",
     config=(
-        api.Field("influence_weight", 1.0, "BCT/UniBCT: weight of the influence loss (CE of n(e) . prototypes)",
-                  interval=(0, None, True, None)),
+        api.Field(
+            "influence_weight",
+            1.0,
+            "BCT/UniBCT: weight of the influence loss (CE of n(e) . prototypes)",
+            interval=(0, None, True, None),
+        ),
         api.Field("unibct_start_epoch", 10, "influence loss weight 0 before this epoch"),
         api.Field("unibct_refine_epochs", (10, 20), "prototype refinement at the start of these epochs"),
-        api.Field("unibct_affinity", "row", '"row": row-stochastic affinity (paper); "column": reference (= class mean)',
-                  choices=AFFINITIES),
+        api.Field(
+            "unibct_affinity",
+            "row",
+            '"row": row-stochastic affinity (paper); "column": reference (= class mean)',
+            choices=AFFINITIES,
+        ),
         api.Field("unibct_lambda", 0.9, "propagation weight of (1 - lam)(I - lam A)^-1", interval=(0, 1, True, False)),
-        api.Field("unibct_temperature", 0.05, "affinity temperature on cosines of the new features",
-                  interval=(0, None, False, None)),
+        api.Field(
+            "unibct_temperature",
+            0.05,
+            "affinity temperature on cosines of the new features",
+            interval=(0, None, False, None),
+        ),
         api.Field("unibct_normalize_prototypes", False, "reference: refined prototypes stay unnormalised"),
     ),
     # The reference's StepLR at epochs 20/26/32.
     presets={"unibct": {"optim.schedule": "step", "optim.decay_epochs": (20, 26, 32)}},
-    class_files=(api.ClassFile(field="prototypes", command=_CLASS_MEANS,
-                               load=api.npy_table("prototypes", "prototypes", _CLASS_MEANS),
-                               doc="class means [C, D] (BCT, UniBCT)"),),
+    class_files=(
+        api.ClassFile(
+            field="prototypes",
+            command=_CLASS_MEANS,
+            load=api.npy_table("prototypes", "prototypes", _CLASS_MEANS),
+            doc="class means [C, D] (BCT, UniBCT)",
+        ),
+    ),
     consts=("prototypes",),
     extra_loss=extra_loss,
     host_update=host_update,

@@ -181,13 +181,11 @@ def _validate_credible(credible: np.ndarray, where: str, num_rows: int) -> None:
     fix = "re-run `python -m mixbct_jax.prepare denoise` on the same features file"
     if credible.dtype != np.bool_ or credible.ndim != 1:
         raise ValueError(
-            f"credible mask {where} must be a 1-D bool array, got shape {credible.shape} dtype "
-            f"{credible.dtype}; {fix}"
+            f"credible mask {where} must be a 1-D bool array, got shape {credible.shape} dtype {credible.dtype}; {fix}"
         )
     if credible.shape[0] != num_rows:
         raise ValueError(
-            f"credible mask {where} has {credible.shape[0]} entries but the old features have "
-            f"{num_rows} rows; {fix}"
+            f"credible mask {where} has {credible.shape[0]} entries but the old features have {num_rows} rows; {fix}"
         )
     if not np.any(credible):
         raise ValueError(f"credible mask {where} is all False, so no old row could be mixed in; {fix}")
@@ -209,9 +207,7 @@ def _validate_labels(stored: np.ndarray, source: np.ndarray, where: str) -> None
         )
 
 
-def _validate_per_class(
-    array: np.ndarray, where: str, what: str, shape: tuple[int | None, ...], command: str
-) -> None:
+def _validate_per_class(array: np.ndarray, where: str, what: str, shape: tuple[int | None, ...], command: str) -> None:
     expected = tuple(size if size is not None else actual for size, actual in zip(shape, array.shape))
     if array.shape != expected or array.ndim != len(shape):
         readable = "[" + ", ".join("C" if s is None else str(s) for s in shape) + "]"
@@ -255,8 +251,9 @@ def gather(old: OldEmbeddings, indices: np.ndarray) -> dict[str, np.ndarray]:
     return batch
 
 
-def batch_arrays(old: OldEmbeddings, needs: Sequence[str], indices: np.ndarray,
-                 labels: np.ndarray) -> dict[str, np.ndarray]:
+def batch_arrays(
+    old: OldEmbeddings, needs: Sequence[str], indices: np.ndarray, labels: np.ndarray
+) -> dict[str, np.ndarray]:
     """The host arrays a method needs for one batch (its ``per_example`` and ``per_label`` names).
 
     Args:
@@ -274,13 +271,16 @@ def batch_arrays(old: OldEmbeddings, needs: Sequence[str], indices: np.ndarray,
     """
     unknown = [name for name in needs if name not in PER_EXAMPLE and name not in old.tables]
     if unknown:
-        raise ValueError(f"unknown per-batch arrays {unknown}: neither per-example arrays {list(PER_EXAMPLE)} nor "
-                         f"class tables loaded from a method's class files ({sorted(old.tables)})")
+        raise ValueError(
+            f"unknown per-batch arrays {unknown}: neither per-example arrays {list(PER_EXAMPLE)} nor "
+            f"class tables loaded from a method's class files ({sorted(old.tables)})"
+        )
     out: dict[str, np.ndarray] = {}
     if any(name in PER_EXAMPLE for name in needs):
         if "credible" in needs and old.credible is None:
-            raise ValueError("this method needs the credible mask: set config.old.credible "
-                             "(python -m mixbct_jax.prepare denoise)")
+            raise ValueError(
+                "this method needs the credible mask: set config.old.credible (python -m mixbct_jax.prepare denoise)"
+            )
         gathered = gather(old, indices)
         out.update({name: gathered[name] for name in needs if name in PER_EXAMPLE})
     labels = np.asarray(labels).astype(np.int64)
@@ -288,8 +288,9 @@ def batch_arrays(old: OldEmbeddings, needs: Sequence[str], indices: np.ndarray,
     return out
 
 
-def open_for_method(config, method, *, num_examples: int, source_labels: np.ndarray,
-                    num_classes: int) -> OldEmbeddings | None:
+def open_for_method(
+    config, method, *, num_examples: int, source_labels: np.ndarray, num_classes: int
+) -> OldEmbeddings | None:
     """Opens and validates the old arrays ``method`` (a ``bct.api.Method``) declares, from ``config.old``.
 
     Returns None for a method that reads none. Every array is checked against the training set (row count,
@@ -302,18 +303,27 @@ def open_for_method(config, method, *, num_examples: int, source_labels: np.ndar
         raise ValueError(
             f"{flag} needs the old model's embeddings of this run's training set: set "
             f"--config.old.features=<dir>/features.npy, written by `python -m mixbct_jax.extract --workdir <old run> "
-            f"--scenario {config.data.scenario} --role {config.data.role} --out <dir>`.")
+            f"--scenario {config.data.scenario} --role {config.data.role} --out <dir>`."
+        )
     if "credible" in method.per_example and not config.old.credible:
         raise ValueError(f"{flag} needs config.old.credible (python -m mixbct_jax.prepare denoise ...)")
     for class_file in method.class_files:
         if not config.old[class_file.field]:
             raise ValueError(f"{flag} needs config.old.{class_file.field} (written by `{class_file.command}`)")
     old = open_old_embeddings(
-        features=config.old.features, credible=config.old.credible or None, labels=config.old.labels or None,
-        class_files=[(config.old[f.field], f) for f in method.class_files])
-    validate(old, num_examples=num_examples, source_labels=source_labels,
-             # every method compares or mixes old and new embeddings: the sizes must agree
-             embedding_size=config.model.embedding_size, num_classes=num_classes,
-             # every row by default (streamed): a NaN row outside a sample poisons training
-             check_all_rows=config.old.finite_check == "full")
+        features=config.old.features,
+        credible=config.old.credible or None,
+        labels=config.old.labels or None,
+        class_files=[(config.old[f.field], f) for f in method.class_files],
+    )
+    validate(
+        old,
+        num_examples=num_examples,
+        source_labels=source_labels,
+        # every method compares or mixes old and new embeddings: the sizes must agree
+        embedding_size=config.model.embedding_size,
+        num_classes=num_classes,
+        # every row by default (streamed): a NaN row outside a sample poisons training
+        check_all_rows=config.old.finite_check == "full",
+    )
     return old

@@ -45,7 +45,8 @@ def _chunks(num_rows: int, chunk_rows: int, label: str, verbose: bool) -> Iterat
 
 def default_threads() -> int:
     """Worker threads of the streaming passes: the cores this process may use, at most 4 (the passes then wait
-    on memory)."""
+    on memory).
+    """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cpus))
 
@@ -107,9 +108,7 @@ def _check_inputs(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
         raise ValueError("features has no rows; extract the old embeddings first")
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"labels must be a 1-D integer array [N]; got shape {labels.shape} dtype {labels.dtype}"
-        )
+        raise ValueError(f"labels must be a 1-D integer array [N]; got shape {labels.shape} dtype {labels.dtype}")
     if labels.shape[0] != features.shape[0]:
         raise ValueError(
             f"features has {features.shape[0]} rows but labels has {labels.shape[0]} entries; both must "
@@ -355,8 +354,12 @@ def denoise(
     common = dict(chunk_rows=chunk_rows, verbose=verbose, threads=threads)
 
     row_div, col_sumsq, sums = _row_norms(
-        features, with_col_sumsq=True, class_ids=class_ids, num_classes=num_classes,
-        label="denoise pass 1/2 (norms, class sums)", **common
+        features,
+        with_col_sumsq=True,
+        class_ids=class_ids,
+        num_classes=num_classes,
+        label="denoise pass 1/2 (norms, class sums)",
+        **common,
     )
     # Column norms over ALL rows, as sklearn's normalize(axis=0): zero columns are left unchanged.
     col_div = np.sqrt(col_sumsq)
@@ -366,9 +369,7 @@ def denoise(
     # sums of the row-normalised rows (equal up to float64 rounding to summing the scaled rows; no extra pass).
     means = sums / col_div[None, :] / counts[:, None]  # [C, D]
     del sums
-    distances = _distances(
-        features, class_ids, means, label="denoise pass 2/2 (distances)", **scale, **common
-    )
+    distances = _distances(features, class_ids, means, label="denoise pass 2/2 (distances)", **scale, **common)
     del means
 
     # Rank within each class by (distance, row index): lexsort is stable, which gives the tie rule.
@@ -465,8 +466,14 @@ def advbct_meta(
     num_classes = _check_class_labels(labels, num_classes)
     counts = np.bincount(labels, minlength=num_classes)  # [C]
     common = dict(chunk_rows=chunk_rows, verbose=verbose, threads=threads)
-    row_div, _, sums = _row_norms(features, with_col_sumsq=False, class_ids=labels, num_classes=num_classes,
-                                  label="advbct-meta pass 1/2 (norms, centres)", **common)
+    row_div, _, sums = _row_norms(
+        features,
+        with_col_sumsq=False,
+        class_ids=labels,
+        num_classes=num_classes,
+        label="advbct-meta pass 1/2 (norms, centres)",
+        **common,
+    )
     scale = dict(row_div=row_div, col_div=None)
     centers = sums / np.maximum(counts, 1)[:, None]  # [C, D]
     del sums

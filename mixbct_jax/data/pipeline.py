@@ -83,7 +83,8 @@ def default_workers(cpus: int | None = None) -> int:
 
 def _workers(threads: int | None, reader: _BatchReader) -> int:
     """Worker processes for ``threads``: as given when >= 0; automatic (None or < 0): :func:`default_workers` when
-    there are images to decode, 0 for in-memory sources (synthetic, npz), whose reads are a cheap array gather."""
+    there are images to decode, 0 for in-memory sources (synthetic, npz), whose reads are a cheap array gather.
+    """
     if threads is None or threads < 0:
         return default_workers() if reader.encoded else 0
     return int(threads)
@@ -121,8 +122,12 @@ class _TrainPlan:
         start = k * self.global_batch + self.lo
         pos = self._perm(epoch)[start : start + self.local]  # [b] subset rows
         flips = flip_mask(self.seed, epoch, pos) if self.flip else np.zeros(self.local, bool)
-        return {"index": pos.astype(np.int32), "source_index": self.indices[pos].astype(np.int64),
-                "label": self.labels[pos].astype(np.int32), "flip": flips}
+        return {
+            "index": pos.astype(np.int32),
+            "source_index": self.indices[pos].astype(np.int64),
+            "label": self.labels[pos].astype(np.int32),
+            "flip": flips,
+        }
 
 
 class _EvalPlan:
@@ -142,8 +147,14 @@ class _EvalPlan:
         safe = np.where(mask, pos, self.n - 1)  # padded rows re-read the last example
         src = self.indices[safe].astype(np.int64)
         flips = flip_mask(self.seed, 0, safe) if self.flip else np.zeros(pos.size, bool)
-        return {"index": pos.astype(np.int32), "source_index": np.where(mask, src, -1), "read": src,
-                "label": np.where(mask, self.labels[safe], -1).astype(np.int32), "mask": mask, "flip": flips}
+        return {
+            "index": pos.astype(np.int32),
+            "source_index": np.where(mask, src, -1),
+            "read": src,
+            "label": np.where(mask, self.labels[safe], -1).astype(np.int32),
+            "mask": mask,
+            "flip": flips,
+        }
 
 
 class _BatchReader:
@@ -160,9 +171,11 @@ class _BatchReader:
             # An unflipped JPEG is decoded in place; a flipped one comes back as a fast-to-copy reversed view.
             image = decode_rgb(self.source.read_encoded(i), self.source.where(i), out=out[j], flip=bool(flips[j]))
             if image.shape != self.shape:
-                raise BadInputError(f"{self.source.where(i)}: the image decodes to shape {image.shape}, but the "
-                                    f"source serves {self.shape}; images of one source must share a size (add "
-                                    "',size=N' to the spec to resize)")
+                raise BadInputError(
+                    f"{self.source.where(i)}: the image decodes to shape {image.shape}, but the "
+                    f"source serves {self.shape}; images of one source must share a size (add "
+                    "',size=N' to the spec to resize)"
+                )
             if not np.shares_memory(image, out[j]):
                 out[j] = image
         return out
@@ -295,8 +308,7 @@ def train_batches(
         raise ValueError(f"the subset has {len(subset)} examples, fewer than one global batch of {global_batch}")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0; got {start_step}")
-    plan = _TrainPlan(subset, global_batch=global_batch, seed=seed, flip=flip, lo=process_index * local,
-                      local=local)
+    plan = _TrainPlan(subset, global_batch=global_batch, seed=seed, flip=flip, lo=process_index * local, local=local)
     reader = _BatchReader(source, plan)
     return _run(reader, start_step, start_step + _ENDLESS, _workers(threads, reader))
 
@@ -339,8 +351,15 @@ def eval_batches(
     subset = subset if subset is not None else full(source.labels)
     local = _check_processes(batch_size, process_index, process_count, "batch_size")
     n = len(subset)
-    plan = _EvalPlan(subset, batch_size=batch_size, seed=seed, flip=flip, pad=pad_last or process_count > 1,
-                     lo=process_index * local, local=local)
+    plan = _EvalPlan(
+        subset,
+        batch_size=batch_size,
+        seed=seed,
+        flip=flip,
+        pad=pad_last or process_count > 1,
+        lo=process_index * local,
+        local=local,
+    )
     reader = _BatchReader(source, plan)
     return _run(reader, 0, -(-n // batch_size), _workers(threads, reader))
 
@@ -348,16 +367,33 @@ def eval_batches(
 # ---- checkpointed iterator state -------------------------------------------------------------------------------
 
 
-def data_state(*, step: int, seed: int, global_batch: int, num_examples: int, flip: bool, process_count: int,
-               source: str, subset: str) -> dict[str, Any]:
+def data_state(
+    *,
+    step: int,
+    seed: int,
+    global_batch: int,
+    num_examples: int,
+    flip: bool,
+    process_count: int,
+    source: str,
+    subset: str,
+) -> dict[str, Any]:
     """The whole input-iterator state at global ``step`` (JSON-serialisable; saved beside the train state).
 
     The order is a pure function of these fields, so this is all a resumed run needs to continue with exactly the
     batches it would have seen.
     """
-    return {"version": 1, "step": int(step), "seed": int(seed), "global_batch": int(global_batch),
-            "num_examples": int(num_examples), "flip": bool(flip), "process_count": int(process_count),
-            "source": str(source), "subset": str(subset)}
+    return {
+        "version": 1,
+        "step": int(step),
+        "seed": int(seed),
+        "global_batch": int(global_batch),
+        "num_examples": int(num_examples),
+        "flip": bool(flip),
+        "process_count": int(process_count),
+        "source": str(source),
+        "subset": str(subset),
+    }
 
 
 # The config fields that set a data-state field: a resume that changes one of them on purpose
@@ -381,6 +417,8 @@ def check_resume(saved: dict[str, Any] | None, expected: dict[str, Any], *, allo
     diff = {k: (saved.get(k), expected[k]) for k in fields if saved.get(k) != expected[k]}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"the checkpoint's input-pipeline state does not match this run ({what}); resuming would "
-                         "train on other batches than the interrupted run. Resume with the run's original config "
-                         "(config.json in the workdir) or start a new --workdir.")
+        raise ValueError(
+            f"the checkpoint's input-pipeline state does not match this run ({what}); resuming would "
+            "train on other batches than the interrupted run. Resume with the run's original config "
+            "(config.json in the workdir) or start a new --workdir."
+        )

@@ -530,8 +530,11 @@ class RecFile:
             (~np.isfinite(raw), "is not a finite number"),
             (np.isfinite(raw) & (raw != np.floor(raw)), "is not a whole number"),
             (raw < 0, "is negative"),
-            (raw >= bound, f"is >= the number of classes {bound}"
-             + (" announced by the header record (key 0)" if self.declared_classes else " (at most 2^24)")),
+            (
+                raw >= bound,
+                f"is >= the number of classes {bound}"
+                + (" announced by the header record (key 0)" if self.declared_classes else " (at most 2^24)"),
+            ),
         )
         for bad, why in checks:
             if np.any(bad):
@@ -539,7 +542,8 @@ class RecFile:
                 raise RecordIOError(
                     f"{self.reader.rec_path}: record key {self.key(j)} (example {j}): label {float(raw[j])!r} {why}; "
                     f"{int(bad.sum())} example(s) are affected. Labels must be class ids 0..C-1: rebuild the .rec "
-                    "with correct labels")
+                    "with correct labels"
+                )
         return raw.astype(np.int32)
 
     def close(self) -> None:

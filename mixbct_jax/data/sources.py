@@ -134,19 +134,24 @@ def decode_rgb(data: bytes, what: str, out: np.ndarray | None = None, flip: bool
                 bgr = simplejpeg.decode_jpeg(data, colorspace="BGR", fastdct=False, fastupsample=False, strict=True)
                 return bgr[:, ::-1, ::-1] if bgr.shape[2] == 3 else np.repeat(bgr[:, ::-1], 3, axis=2)
             if out is not None and simplejpeg.decode_jpeg_header(data)[:2] == out.shape[:2]:
-                return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
-                                              strict=True, buffer=out)
+                return simplejpeg.decode_jpeg(
+                    data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True, buffer=out
+                )
             image = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
         except ValueError as e:
-            raise ValueError(f"{what}: cannot decode the JPEG ({len(data)} bytes): {e}; the file is corrupt or "
-                             "truncated: re-encode or remove it") from None
+            raise ValueError(
+                f"{what}: cannot decode the JPEG ({len(data)} bytes): {e}; the file is corrupt or "
+                "truncated: re-encode or remove it"
+            ) from None
         return image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
     import cv2
 
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
-        raise ValueError(f"{what}: cannot decode the image bytes ({len(data)} bytes, starting {bytes(data[:8])!r}); "
-                         "it is not a JPEG/PNG/BMP image: re-encode or remove it")
+        raise ValueError(
+            f"{what}: cannot decode the image bytes ({len(data)} bytes, starting {bytes(data[:8])!r}); "
+            "it is not a JPEG/PNG/BMP image: re-encode or remove it"
+        )
     return image[:, ::-1, ::-1] if flip else image[:, :, ::-1]  # BGR -> RGB
 
 
@@ -176,8 +181,10 @@ def check_labels(values: np.ndarray, what: str, where=None, num_classes: int | N
         if np.any(bad):
             j = int(np.argmax(bad))
             at = where(j) if where else f"example {j}"
-            raise ValueError(f"{what}: {at}: label {float(raw[j])!r} {why} ({int(bad.sum())} example(s) "
-                             "affected); labels must be class ids 0..C-1: fix the data")
+            raise ValueError(
+                f"{what}: {at}: label {float(raw[j])!r} {why} ({int(bad.sum())} example(s) "
+                "affected); labels must be class ids 0..C-1: fix the data"
+            )
     return raw.astype(np.int32)
 
 
@@ -326,7 +333,8 @@ class FolderSource:
         files, counts = [], []
         for folder in classes:
             found = sorted(
-                p for p in folder.iterdir()
+                p
+                for p in folder.iterdir()
                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
             )
             if not found:
@@ -361,7 +369,8 @@ class FolderSource:
                 raise ValueError(
                     f"{self.name}: {path} is {w}x{h} but {self.files[0]} is {want[1]}x{want[0]}; the images of a "
                     f"folder must share one size: add ',size=N' to the spec (e.g. folder:{self.root},size={want[0]}) "
-                    "to resize them all to NxN")
+                    "to resize them all to NxN"
+                )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -426,8 +435,12 @@ class TfdsSource:
                 f"access (and reading without TensorFlow) needs array_record: rebuild it with `tfds build {dataset} "
                 f"--file_format=array_record --data_dir={data_dir or '<your data_dir>'}`"
             )
-        opened = {"split": split, "data_dir": data_dir, "download": False,
-                  "builder_kwargs": {"file_format": "array_record"}}
+        opened = {
+            "split": split,
+            "data_dir": data_dir,
+            "download": False,
+            "builder_kwargs": {"file_format": "array_record"},
+        }
         try:
             self._decoded = tfds.data_source(dataset, **opened)
             self._raw = tfds.data_source(dataset, decoders={image_key: tfds.decode.SkipDecoding()}, **opened)
@@ -549,8 +562,10 @@ class ClassRangeSource:
     def __init__(self, name: str, base: Source, first: int, stop: int):
         keep = np.flatnonzero((base.labels >= first) & (base.labels < stop))
         if keep.size == 0:
-            raise ValueError(f"{name}: no example has a label in [{first}, {stop}) (labels span "
-                             f"{int(base.labels.min())}..{int(base.labels.max())})")
+            raise ValueError(
+                f"{name}: no example has a label in [{first}, {stop}) (labels span "
+                f"{int(base.labels.min())}..{int(base.labels.max())})"
+            )
         self.name, self._base, self._rows = name, base, keep
         self.labels = (base.labels[keep] - first).astype(base.labels.dtype)
         self.num_classes = _num_classes(self.labels)

@@ -41,8 +41,7 @@ class SyntheticFaces:
     def __post_init__(self):
         if self.num_classes < 1 or not 1 <= self.min_images <= self.max_images or self.image_size < 8:
             raise ValueError(
-                f"SyntheticFaces: need num_classes >= 1, 1 <= min_images <= max_images and image_size >= 8; "
-                f"got {self}"
+                f"SyntheticFaces: need num_classes >= 1, 1 <= min_images <= max_images and image_size >= 8; got {self}"
             )
 
     # ---- labels -------------------------------------------------------------------------------------------
@@ -85,7 +84,9 @@ class SyntheticFaces:
         n, s = idx.size, self.image_size
 
         # Per-image variation, a pure function of (seed, index).
-        var = np.stack([np.random.default_rng([self.seed, 3, int(i)]).random(6) for i in idx]) if n else np.zeros((0, 6))
+        var = (
+            np.stack([np.random.default_rng([self.seed, 3, int(i)]).random(6) for i in idx]) if n else np.zeros((0, 6))
+        )
         shift = (var[:, 0:2] - 0.5) * 0.24  # up to ±12% of the side
         angle = (var[:, 2] - 0.5) * 0.8  # about ±23 degrees
         gain = 0.6 + 0.8 * var[:, 3]  # contrast
@@ -105,5 +106,9 @@ class SyntheticFaces:
         img = app["background"][labels][:, None, None, :] + np.einsum("nkhw,nkc->nhwc", weight, app["colour"][labels])
         img = gain[:, None, None, None] * (img - 0.5) + 0.5 + bias[:, None, None, None]
 
-        noise = np.stack([np.random.default_rng([self.seed, 4, int(i)]).normal(0, 0.15, (s, s, 3)) for i in idx]) if n else 0.0
+        noise = (
+            np.stack([np.random.default_rng([self.seed, 4, int(i)]).normal(0, 0.15, (s, s, 3)) for i in idx])
+            if n
+            else 0.0
+        )
         return np.clip((img + noise) * 255.0, 0, 255).round().astype(np.uint8)

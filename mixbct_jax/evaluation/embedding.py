@@ -50,15 +50,11 @@ def embed(embedder: Embedder, images: np.ndarray, *, scale: Scale = "clean") -> 
     """
     out = np.asarray(embedder(scale_images(images, scale=scale)), dtype=np.float32)
     if out.ndim != 2 or out.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"the embedder returned shape {out.shape} for {images.shape[0]} images; it must return [n, D]"
-        )
+        raise ValueError(f"the embedder returned shape {out.shape} for {images.shape[0]} images; it must return [n, D]")
     return out
 
 
-def embed_with_flip(
-    embedder: Embedder, images: np.ndarray, *, scale: Scale = "clean"
-) -> tuple[np.ndarray, np.ndarray]:
+def embed_with_flip(embedder: Embedder, images: np.ndarray, *, scale: Scale = "clean") -> tuple[np.ndarray, np.ndarray]:
     """Embeds images and their horizontal mirror images in one call.
 
     Returns:

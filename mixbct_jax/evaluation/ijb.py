@@ -474,8 +474,9 @@ def pair_scores(
     return out
 
 
-def _block_scores(feats1: np.ndarray, feats2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray, block_rows: int,
-                  out: np.ndarray) -> None:
+def _block_scores(
+    feats1: np.ndarray, feats2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray, block_rows: int, out: np.ndarray
+) -> None:
     """pair_scores' 'blocks' strategy, written into ``out`` [P].
 
     The pairs are grouped by block without sorting them: the used rows of feats1 get dense ranks through a

@@ -17,8 +17,9 @@ import os
 import re
 
 import numpy as np
-from mixbct_jax.files import atomic_write, write_text_atomic  # noqa: F401 (re-exported)
 from matplotlib.figure import Figure  # not pyplot: no global backend or figure state to disturb notebooks
+
+from mixbct_jax.files import atomic_write, write_text_atomic  # noqa: F401 (re-exported)
 
 ROW_ORDER = ("old/old", "new/new", "new/old")
 CROSS, OLD_SELF = "new/old", "old/old"
@@ -127,7 +128,8 @@ def _save(fig, path: str) -> None:
 
 def short_name(name: str, limit: int = 40) -> str:
     """A plot title's name for a protocol entry: ``retrieval:synthetic:num_classes=48,...`` -> ``retrieval
-    synthetic``, ``bin:/data/lfw.bin`` -> ``bin lfw.bin``; the full spec stays in report.md."""
+    synthetic``, ``bin:/data/lfw.bin`` -> ``bin lfw.bin``; the full spec stays in report.md.
+    """
     kind, _, data = name.partition(":")
     head = data.split(",")[0]
     if "=" in head:  # synthetic:k=v: the kind alone
@@ -240,8 +242,10 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, str]:
         md.append(f"- new model: `{results['new']}`")
     if results.get("old") is not None:
         md.append(f"- old model: `{results['old']}`")
-    md.append("- row `q/g`: queries (second image, p2, probes) embedded by q, gallery (first image, p1, "
-              "galleries) by g; `new/old` is the backward-compatibility (cross) test.")
+    md.append(
+        "- row `q/g`: queries (second image, p2, probes) embedded by q, gallery (first image, p1, "
+        "galleries) by g; `new/old` is the backward-compatibility (cross) test."
+    )
     for name, proto in results.get("protocols", {}).items():
         kind, rows = proto["protocol"], proto["rows"]
         md += ["", f"## {name}", ""]
@@ -264,8 +268,11 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, str]:
             written[f"{slug}_compat"] = path
         single = max((int(m.get("single_kind_folds", 0)) for m in rows.values() if isinstance(m, dict)), default=0)
         if single:
-            md += [f"**Warning:** {single} of the folds hold only one kind of pair (the .bin's pairs are ordered by "
-                   f"kind); these accuracies are not meaningful.", ""]
+            md += [
+                f"**Warning:** {single} of the folds hold only one kind of pair (the .bin's pairs are ordered by "
+                f"kind); these accuracies are not meaningful.",
+                "",
+            ]
         verdict = compatible(kind, rows)
         if verdict is not None:
             md.append(f"Backward compatible (new/old > old/old): **{'yes' if verdict else 'no'}**")

@@ -34,9 +34,7 @@ class LabelledImages(Protocol):
     def read(self, indices: np.ndarray) -> np.ndarray: ...  # uint8 [n,H,W,3] RGB
 
 
-def split_query_gallery(
-    labels: np.ndarray, *, gallery_fraction: float = 0.5
-) -> tuple[np.ndarray, np.ndarray]:
+def split_query_gallery(labels: np.ndarray, *, gallery_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic per-class split: the first ceil(fraction * n_c) images of class c (in index order) form
     the gallery and the remaining ones are queries.
 
@@ -171,9 +169,7 @@ def embed_source(
             if images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"source.read returned shape {images.shape}; expected uint8 [n,H,W,3] RGB")
             if images.shape[1:3] != (size, size):
-                images = np.stack(
-                    [cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in images]
-                )
+                images = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in images])
             parts.append(embed(embedder, images, scale="clean"))
             bar.update(images.shape[0])
     return np.concatenate(parts)
@@ -207,7 +203,11 @@ def evaluate_retrieval(
     feats = {m: embed_source(source, embedders[m], batch_size=batch_size, desc=f"embed {m}") for m in models}
     return {
         f"{query}/{gallery}": retrieval_metrics(
-            feats[query][q_idx], labels[q_idx], feats[gallery][g_idx], labels[g_idx], topk=topk,
+            feats[query][q_idx],
+            labels[q_idx],
+            feats[gallery][g_idx],
+            labels[g_idx],
+            topk=topk,
             desc=f"retrieval {query}/{gallery}",
         )
         for query, gallery in rows

@@ -47,9 +47,7 @@ def _decode(data: bytes, image_size: int, where: str) -> np.ndarray:
     return img
 
 
-def load_bin(
-    path: str | os.PathLike, image_size: int = 112, *, num_workers: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
+def load_bin(path: str | os.PathLike, image_size: int = 112, *, num_workers: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Reads an insightface `.bin` pair set.
 
     Args:
@@ -70,18 +68,26 @@ def load_bin(
             except UnicodeDecodeError:  # a Python 2 pickle: str payloads must stay bytes
                 f.seek(0)
                 obj = pickle.load(f, encoding="bytes")
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-                IndexError, KeyError) as err:  # what unpickling non-pickle or truncated bytes raises
-            raise ValueError(f"{path} is not a .bin pair set (a pickle of (images, issame)): {type(err).__name__}: "
-                             f"{err}; pass an insightface .bin file such as lfw.bin") from None
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            ImportError,
+            IndexError,
+            KeyError,
+        ) as err:  # what unpickling non-pickle or truncated bytes raises
+            raise ValueError(
+                f"{path} is not a .bin pair set (a pickle of (images, issame)): {type(err).__name__}: "
+                f"{err}; pass an insightface .bin file such as lfw.bin"
+            ) from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(f"{path}: expected a pickle of (bins, issame_list), got {type(obj).__name__}")
     bins, issame = obj
     issame = np.asarray(issame, dtype=bool).reshape(-1)
     if len(bins) != 2 * len(issame):
-        raise ValueError(
-            f"{path}: {len(bins)} images for {len(issame)} pairs; a .bin needs exactly 2 images per pair"
-        )
+        raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs; a .bin needs exactly 2 images per pair")
 
     images = np.empty((len(bins), image_size, image_size, 3), dtype=np.uint8)
 
@@ -99,9 +105,7 @@ def load_bin(
 # ------------------------------------------------------------------------------------------------ embedding
 
 
-def embed_flip_sum(
-    embedder: Embedder, images: np.ndarray, *, batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
+def embed_flip_sum(embedder: Embedder, images: np.ndarray, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Embeds images with the flip-sum rule of the reference.
 
     Args:
@@ -139,9 +143,7 @@ def kfold_indices(n: int, nfolds: int) -> list[np.ndarray]:
     return np.array_split(np.arange(n), nfolds)
 
 
-def _accept_counts(
-    dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _accept_counts(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(true accepts, false accepts) per threshold, accepting a pair iff dist < threshold."""
     tp = np.searchsorted(np.sort(dist[issame]), thresholds, side="left")
     fp = np.searchsorted(np.sort(dist[~issame]), thresholds, side="left")
@@ -183,19 +185,19 @@ def evaluate_pairs(
     emb2 = np.asarray(emb2, dtype=np.float64)
     issame = np.asarray(issame, dtype=bool)
     if emb1.shape != emb2.shape or emb1.ndim != 2 or issame.shape != (emb1.shape[0],):
-        raise ValueError(
-            f"emb1 {emb1.shape}, emb2 {emb2.shape} and issame {issame.shape} must be [P,D], [P,D], [P]"
-        )
+        raise ValueError(f"emb1 {emb1.shape}, emb2 {emb2.shape} and issame {issame.shape} must be [P,D], [P,D], [P]")
     dist = np.sum((emb1 - emb2) ** 2, axis=1)  # [P]
     p = dist.shape[0]
     acc, best_thr, val, far = [], [], [], []
     folds = kfold_indices(p, nfolds)
     single = single_kind_folds(issame, nfolds)
     if single:
-        warnings.warn(f"{len(single)} of {nfolds} verification folds hold only one kind of pair (folds "
-                      f"{single}): the pairs are ordered by kind, so accuracy is meaningless; interleave matched "
-                      f"and mismatched pairs (LFW's own pairs.txt holds 10 sets of 300 matched + 300 mismatched)",
-                      stacklevel=2)
+        warnings.warn(
+            f"{len(single)} of {nfolds} verification folds hold only one kind of pair (folds "
+            f"{single}): the pairs are ordered by kind, so accuracy is meaningless; interleave matched "
+            f"and mismatched pairs (LFW's own pairs.txt holds 10 sets of 300 matched + 300 mismatched)",
+            stacklevel=2,
+        )
     for test in folds:
         train = np.ones(p, dtype=bool)
         train[test] = False
@@ -243,7 +245,9 @@ def single_kind_folds(issame: np.ndarray, nfolds: int = 10) -> list[int]:
     pairs are ordered all-matched then all-mismatched gives accuracy 0 on every fold.
     """
     issame = np.asarray(issame, dtype=bool)
-    return [k for k, test in enumerate(kfold_indices(issame.size, nfolds)) if issame[test].all() or not issame[test].any()]
+    return [
+        k for k, test in enumerate(kfold_indices(issame.size, nfolds)) if issame[test].all() or not issame[test].any()
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ protocol

@@ -1,2 +1,3 @@
 """Classification heads: the margin softmax over sharded class centres (``sharded_fc``, ``margin``), the plain
-linear softmax (``softmax``) and the frozen prototype classifier of BCT/UniBCT (``prototypes``)."""
+linear softmax (``softmax``) and the frozen prototype classifier of BCT/UniBCT (``prototypes``).
+"""

@@ -42,9 +42,17 @@ def cosface(cosine: jax.Array, target_col: jax.Array, *, scale: float = 64.0, ma
     return jnp.where(_target_mask(c, target_col), c - margin, c) * scale
 
 
-def combined_margin(cosine: jax.Array, target_col: jax.Array, *, scale: float = 64.0, m1: float = 1.0,
-                    m2: float = 0.5, m3: float = 0.0, interclass_filtering_threshold: float = 0.0) -> jax.Array:
-    """insightface's CombinedMarginLoss: ArcFace when ``m1 == 1, m3 == 0``, CosFace when ``m3 > 0``.
+def combined_margin(
+    cosine: jax.Array,
+    target_col: jax.Array,
+    *,
+    scale: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+    interclass_filtering_threshold: float = 0.0,
+) -> jax.Array:
+    """Insightface's CombinedMarginLoss: ArcFace when ``m1 == 1, m3 == 0``, CosFace when ``m3 > 0``.
 
     With ``interclass_filtering_threshold > 0``, every non-target cosine above it is set to 0 before the margin,
     on every row, as the reference: its mask starts from ``cosine > threshold`` for all rows and only clears the
@@ -62,8 +70,15 @@ def combined_margin(cosine: jax.Array, target_col: jax.Array, *, scale: float = 
     raise ValueError(f"combined_margin supports ArcFace (m1=1, m3=0) or CosFace (m3>0); got m1={m1}, m2={m2}, m3={m3}")
 
 
-def apply(kind: str, cosine: jax.Array, target_col: jax.Array, *, scale: float, margins: tuple[float, float, float],
-          interclass_filtering_threshold: float = 0.0) -> jax.Array:
+def apply(
+    kind: str,
+    cosine: jax.Array,
+    target_col: jax.Array,
+    *,
+    scale: float,
+    margins: tuple[float, float, float],
+    interclass_filtering_threshold: float = 0.0,
+) -> jax.Array:
     """Dispatches on ``config.head.type``: 'arcface' (m2), 'cosface' (m3) or 'combined' (m1, m2, m3)."""
     m1, m2, m3 = margins
     if kind == "arcface":
@@ -71,6 +86,13 @@ def apply(kind: str, cosine: jax.Array, target_col: jax.Array, *, scale: float, 
     if kind == "cosface":
         return cosface(cosine, target_col, scale=scale, margin=m3)
     if kind == "combined":
-        return combined_margin(cosine, target_col, scale=scale, m1=m1, m2=m2, m3=m3,
-                               interclass_filtering_threshold=interclass_filtering_threshold)
+        return combined_margin(
+            cosine,
+            target_col,
+            scale=scale,
+            m1=m1,
+            m2=m2,
+            m3=m3,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+        )
     raise ValueError(f"config.head.type={kind!r} is not a margin head; choose arcface, cosface, combined or softmax")

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 from mixbct_jax.heads.sharded_fc import distributed_cross_entropy, gather_rows, l2_normalize
 
 
-def influence_loss(embeddings: jax.Array, labels: jax.Array, prototypes: jax.Array, *,
-                   axis_name: str) -> jax.Array:
+def influence_loss(embeddings: jax.Array, labels: jax.Array, prototypes: jax.Array, *, axis_name: str) -> jax.Array:
     """Per-example influence cross-entropy of the whole global batch against row-sharded prototypes.
 
     Runs inside the per-device program.

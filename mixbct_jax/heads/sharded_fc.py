@@ -42,7 +42,8 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 def is_centres(path) -> bool:
     """Whether a leaf's tree path (``jax.tree_util`` keys) lies under a ``'centres'`` key: the sharded class centres
-    and their optimizer slots, split by rows over the device axis rather than replicated."""
+    and their optimizer slots, split by rows over the device axis rather than replicated.
+    """
     return any(getattr(k, "key", None) == "centres" for k in path)
 
 
@@ -122,8 +123,15 @@ def _dist_ce_bwd(axis_name, res, g):
 distributed_cross_entropy.defvjp(_dist_ce_fwd, _dist_ce_bwd)
 
 
-def sample_centres(key: jax.Array, labels_local_col: jax.Array, *, num_rows: int, num_valid: jax.Array,
-                   num_keep: jax.Array, num_sample: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sample_centres(
+    key: jax.Array,
+    labels_local_col: jax.Array,
+    *,
+    num_rows: int,
+    num_valid: jax.Array,
+    num_keep: jax.Array,
+    num_sample: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """PartialFC sampling with static shapes: every positive class plus random negatives, ``num_keep`` in all.
 
     As the reference, positives get priority 2 and the other real classes a uniform draw; the ``num_keep`` highest
@@ -142,8 +150,11 @@ def sample_centres(key: jax.Array, labels_local_col: jax.Array, *, num_rows: int
       ``(rows [num_sample] sorted centre rows, target_col [N] position of each row's target in them or -1,
       kept [num_sample] bool, the columns that take part in the softmax)``.
     """
-    positive = jnp.zeros((num_rows,), bool).at[jnp.where(labels_local_col >= 0, labels_local_col, num_rows)].set(
-        True, mode="drop")
+    positive = (
+        jnp.zeros((num_rows,), bool)
+        .at[jnp.where(labels_local_col >= 0, labels_local_col, num_rows)]
+        .set(True, mode="drop")
+    )
     priority = jnp.where(positive, 2.0, jax.random.uniform(key, (num_rows,)))  # positives first, as the reference
     priority = jnp.where(jnp.arange(num_rows) < num_valid, priority, -1.0)  # never sample padding rows
     top = jax.lax.top_k(priority, num_sample)[1]  # [S], by decreasing priority
@@ -165,9 +176,17 @@ def sample_counts(num_classes: int, rows_local: int, num_shards: int, sample_rat
     return [int(sample_rate * min(max(num_classes - d * rows_local, 0), rows_local)) for d in range(num_shards)]
 
 
-def margin_softmax_loss(embeddings: jax.Array, labels: jax.Array, centres: jax.Array, *, axis_name: str,
-                        num_classes: int, head: Any, key: jax.Array | None = None,
-                        compute_dtype: Any = jnp.float32) -> tuple[jax.Array, dict[str, jax.Array]]:
+def margin_softmax_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    centres: jax.Array,
+    *,
+    axis_name: str,
+    num_classes: int,
+    head: Any,
+    key: jax.Array | None = None,
+    compute_dtype: Any = jnp.float32,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Margin-softmax CE of this device's batch rows against all classes, centres sharded over ``axis_name``.
 
     Args:
@@ -197,18 +216,28 @@ def margin_softmax_loss(embeddings: jax.Array, labels: jax.Array, centres: jax.A
         num_keep = jnp.asarray(counts, jnp.int32)[jax.lax.axis_index(axis_name)]
         # Static bound: the largest count, or every positive of the global batch when they are more.
         num_sample = min(rows_local, max(max(counts), n))
-        rows, target_col, valid_col = sample_centres(key, target_col, num_rows=rows_local, num_valid=num_valid,
-                                                     num_keep=num_keep, num_sample=num_sample)
+        rows, target_col, valid_col = sample_centres(
+            key, target_col, num_rows=rows_local, num_valid=num_valid, num_keep=num_keep, num_sample=num_sample
+        )
         w = centres[rows]  # [S, D]
     else:
         w = centres
         valid_col = jnp.arange(rows_local) < num_valid
 
-    cosine = jnp.dot(l2_normalize(all_emb).astype(compute_dtype), l2_normalize(w).astype(compute_dtype).T,
-                     preferred_element_type=jnp.float32)
+    cosine = jnp.dot(
+        l2_normalize(all_emb).astype(compute_dtype),
+        l2_normalize(w).astype(compute_dtype).T,
+        preferred_element_type=jnp.float32,
+    )
     cosine = jnp.clip(cosine, -1.0, 1.0)  # [N, C_local]
-    logits = margin.apply(head.type, cosine, target_col, scale=head.scale, margins=tuple(head.margins),
-                          interclass_filtering_threshold=head.get("interclass_filtering_threshold", 0.0))
+    logits = margin.apply(
+        head.type,
+        cosine,
+        target_col,
+        scale=head.scale,
+        margins=tuple(head.margins),
+        interclass_filtering_threshold=head.get("interclass_filtering_threshold", 0.0),
+    )
     logits = jnp.where(valid_col[None, :], logits, -jnp.inf)
     loss = distributed_cross_entropy(logits, target_col, axis_name)
     return loss, {"gathered_embeddings": all_emb, "gathered_labels": all_labels}

@@ -33,8 +33,16 @@ def normalize_images(images):
     return (images.astype(np.float32) / 255.0 - 0.5) / 0.5
 
 
-def build(arch: str, *, embedding_size: int, input_size: int = 112, width: float = 1.0,
-          dtype: str | Any = "float32", patch_size: int = 0, remat: str = "auto") -> nn.Module:
+def build(
+    arch: str,
+    *,
+    embedding_size: int,
+    input_size: int = 112,
+    width: float = 1.0,
+    dtype: str | Any = "float32",
+    patch_size: int = 0,
+    remat: str = "auto",
+) -> nn.Module:
     """Returns the backbone ``arch`` (one of ``ARCHS``).
 
     ``width`` applies to IResNets only; ``patch_size`` (0: the variant's own, 9 for the insightface ViTs) and
@@ -52,13 +60,22 @@ def build(arch: str, *, embedding_size: int, input_size: int = 112, width: float
     if arch in vit.VARIANTS:
         kwargs.update(patch_size=int(patch_size), remat=None if remat == "auto" else remat == "on")
     elif patch_size or remat != "auto":
-        raise ValueError(f"config.model.patch_size / config.model.remat apply to the ViTs only, not {arch!r}; "
-                         f"leave them at 0 / 'auto'")
+        raise ValueError(
+            f"config.model.patch_size / config.model.remat apply to the ViTs only, not {arch!r}; "
+            f"leave them at 0 / 'auto'"
+        )
     return ARCHS[arch](**kwargs)
 
 
 def build_from_config(model_config) -> nn.Module:
     """``build`` from a run's ``config.model`` (fields added later default, so older run directories load)."""
     m = model_config
-    return build(m.arch, embedding_size=m.embedding_size, input_size=m.input_size, width=m.get("width", 1.0),
-                 dtype=m.get("dtype", "float32"), patch_size=m.get("patch_size", 0), remat=m.get("remat", "auto"))
+    return build(
+        m.arch,
+        embedding_size=m.embedding_size,
+        input_size=m.input_size,
+        width=m.get("width", 1.0),
+        dtype=m.get("dtype", "float32"),
+        patch_size=m.get("patch_size", 0),
+        remat=m.get("remat", "auto"),
+    )

@@ -11,7 +11,7 @@ tiny runs) fixes the flatten size, and ``width`` scales the stage widths for tin
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from mixbct_jax.aliases import Dtype
 from mixbct_jax.initializers import torch_linear_uniform
 from mixbct_jax.models.layers import BatchNorm, PReLU, conv_normal_init
-
 
 
 class IBasicBlock(nn.Module):
@@ -43,8 +42,14 @@ class IBasicBlock(nn.Module):
         y = bn(name="bn3")(y)
         if self.downsample:
             x = nn.Conv(
-                self.planes, (1, 1), strides=(self.stride, self.stride), use_bias=False, dtype=self.dtype,
-                kernel_init=conv_normal_init(), padding="VALID", name="downsample_conv",
+                self.planes,
+                (1, 1),
+                strides=(self.stride, self.stride),
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=conv_normal_init(),
+                padding="VALID",
+                name="downsample_conv",
             )(x)
             x = bn(name="downsample_bn")(x)
         return y + x
@@ -72,27 +77,43 @@ class IResNet(nn.Module):
         if x.shape[1] != self.input_size or x.shape[2] != self.input_size:
             raise ValueError(f"IResNet built for {self.input_size}x{self.input_size} inputs, got {x.shape[1:3]}")
         if self.input_size % 16:
-            raise ValueError(f"IResNet input_size must be divisible by 16 (four stride-2 stages), got {self.input_size}")
+            raise ValueError(
+                f"IResNet input_size must be divisible by 16 (four stride-2 stages), got {self.input_size}"
+            )
         bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
         widths = [max(1, int(round(c * self.width))) for c in (64, 128, 256, 512)]
         x = x.astype(self.dtype)
-        x = nn.Conv(widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                    kernel_init=conv_normal_init(), name="stem_conv")(x)
+        x = nn.Conv(
+            widths[0],
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=conv_normal_init(),
+            name="stem_conv",
+        )(x)
         x = bn(name="stem_bn")(x)
         x = PReLU(name="stem_prelu")(x)
         for s, (n_blocks, planes) in enumerate(zip(self.stage_sizes, widths)):
             for b in range(n_blocks):
                 # Every stage opens with a stride-2 block, so its shortcut always needs the 1x1 conv + BN.
-                x = IBasicBlock(planes, stride=2 if b == 0 else 1, downsample=b == 0, dtype=self.dtype,
-                                name=f"layer{s + 1}_{b}")(x, train)
+                x = IBasicBlock(
+                    planes, stride=2 if b == 0 else 1, downsample=b == 0, dtype=self.dtype, name=f"layer{s + 1}_{b}"
+                )(x, train)
         x = bn(name="features_bn")(x)  # [B, H/16, W/16, C]
         x = x.reshape((x.shape[0], -1))  # NHWC flatten order (the converter permutes PyTorch's CHW order)
         fan_in = x.shape[-1]
-        x = nn.Dense(self.embedding_size, dtype=self.dtype, kernel_init=torch_linear_uniform(fan_in),
-                     bias_init=torch_linear_uniform(fan_in), name="fc")(x)
+        x = nn.Dense(
+            self.embedding_size,
+            dtype=self.dtype,
+            kernel_init=torch_linear_uniform(fan_in),
+            bias_init=torch_linear_uniform(fan_in),
+            name="fc",
+        )(x)
         # BatchNorm1d with gamma frozen at 1 (the reference MixBCT code's backbones/iresnet.py): no scale parameter at all.
         x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32, name="features")(
-            x.astype(jnp.float32))
+            x.astype(jnp.float32)
+        )
         return x  # [B, D] float32, not normalised
 
 

@@ -7,7 +7,7 @@ is followed by BatchNorm1d (affine). The GDC kernel equals the last feature map 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -33,9 +33,17 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         p = self.padding
-        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                    padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                    kernel_init=_kaiming_fan_out, name="conv")(x)
+        x = nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=(self.stride, self.stride),
+            padding=((p, p), (p, p)),
+            feature_group_count=self.groups,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=_kaiming_fan_out,
+            name="conv",
+        )(x)
         x = BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn")(x)
         return x if self.linear else PReLU(name="prelu")(x)
 
@@ -52,8 +60,9 @@ class DepthWise(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         y = ConvBlock(self.groups, dtype=self.dtype, name="expand")(x, train)
-        y = ConvBlock(self.groups, kernel=3, stride=self.stride, padding=1, groups=self.groups, dtype=self.dtype,
-                      name="depthwise")(y, train)
+        y = ConvBlock(
+            self.groups, kernel=3, stride=self.stride, padding=1, groups=self.groups, dtype=self.dtype, name="depthwise"
+        )(y, train)
         y = ConvBlock(self.features, linear=True, dtype=self.dtype, name="project")(y, train)
         return x + y if self.residual else y
 
@@ -70,8 +79,10 @@ class MobileFaceNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:  # x: [B, H, W, 3]
         if x.shape[1] != self.input_size or x.shape[2] != self.input_size or self.input_size % 16:
-            raise ValueError(f"MobileFaceNet built for {self.input_size}x{self.input_size} inputs (divisible by 16), "
-                             f"got {x.shape[1:3]}")
+            raise ValueError(
+                f"MobileFaceNet built for {self.input_size}x{self.input_size} inputs (divisible by 16), "
+                f"got {x.shape[1:3]}"
+            )
         c1, c2 = 64 * self.scale, 128 * self.scale
         blk = functools.partial(DepthWise, dtype=self.dtype)
 

@@ -33,7 +33,6 @@ from mixbct_jax.aliases import Dtype
 from mixbct_jax.initializers import torch_linear_uniform
 from mixbct_jax.models.layers import BatchNorm
 
-
 # Every nn.Linear and the position embedding: truncated normal, std 0.02 (the reference MixBCT code's backbones/vit.py); biases 0.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 # PyTorch's LayerNorm default epsilon (flax's default is 1e-6).
@@ -158,8 +157,10 @@ class VisionTransformer(nn.Module):
         if x.shape[1] != self.input_size or x.shape[2] != self.input_size:
             raise ValueError(f"ViT built for {self.input_size}x{self.input_size} inputs, got {x.shape[1:3]}")
         if self.grid < 1:
-            raise ValueError(f"config.model.patch_size={self.patch_size} is larger than "
-                             f"config.model.input_size={self.input_size}; choose a patch of at most the input side")
+            raise ValueError(
+                f"config.model.patch_size={self.patch_size} is larger than "
+                f"config.model.input_size={self.input_size}; choose a patch of at most the input side"
+            )
         if self.embed_dim % self.num_heads:
             raise ValueError(f"ViT embed_dim {self.embed_dim} is not divisible by its {self.num_heads} heads")
 
@@ -169,7 +170,7 @@ class VisionTransformer(nn.Module):
         noise = jax.random.uniform(self.make_rng("dropout"), (b, n))
         ids_shuffle = jnp.argsort(noise, axis=1)  # ascending: the smallest noise values are kept
         ids_restore = jnp.argsort(ids_shuffle, axis=1)
-        keep = ids_shuffle[:, :num_kept_tokens(n, self.mask_ratio)]
+        keep = ids_shuffle[:, : num_kept_tokens(n, self.mask_ratio)]
         return jnp.take_along_axis(x, keep[..., None], axis=1), ids_restore  # [B, L_keep, E], [B, L]
 
     @nn.compact
@@ -181,9 +182,16 @@ class VisionTransformer(nn.Module):
         mask_token = self.param("mask_token", nn.initializers.normal(stddev=0.02), (1, 1, e), jnp.float32)
         # A stride-p conv ignores the trailing input_size % p rows and columns, as PyTorch's does.
         fan_in = 3 * p * p
-        x = nn.Conv(e, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    kernel_init=torch_linear_uniform(fan_in), bias_init=torch_linear_uniform(fan_in),
-                    name="patch_embed")(x.astype(self.dtype))  # [B, g, g, E]
+        x = nn.Conv(
+            e,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=torch_linear_uniform(fan_in),
+            bias_init=torch_linear_uniform(fan_in),
+            name="patch_embed",
+        )(x.astype(self.dtype))  # [B, g, g, E]
         x = x.reshape(x.shape[0], n, e).astype(jnp.float32) + pos_embed  # tokens in row-major (h, w) order
 
         masking = train and self.mask_ratio > 0
@@ -225,6 +233,13 @@ DEFAULT_PATCH = {"vit_tiny": 4}  # every other variant: 9 (112x112 -> 12x12 toke
 def vit(arch: str, *, patch_size: int = 0, remat: bool | None = None, **kwargs) -> VisionTransformer:
     """The registered variant ``arch``; ``patch_size`` 0 and ``remat`` None keep the variant's own settings."""
     e, depth, heads, dp, mask, remat_default = VARIANTS[arch]
-    return VisionTransformer(embed_dim=e, depth=depth, num_heads=heads, drop_path=dp, mask_ratio=mask,
-                             patch_size=patch_size or DEFAULT_PATCH.get(arch, 9),
-                             remat=remat_default if remat is None else remat, **kwargs)
+    return VisionTransformer(
+        embed_dim=e,
+        depth=depth,
+        num_heads=heads,
+        drop_path=dp,
+        mask_ratio=mask,
+        patch_size=patch_size or DEFAULT_PATCH.get(arch, 9),
+        remat=remat_default if remat is None else remat,
+        **kwargs,
+    )
