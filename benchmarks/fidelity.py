@@ -107,7 +107,7 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
     """The old models and tracks of a scale.
 
     ``cpu`` (the default, ~1 h on 2 idle cores): every method and MixBCT's knobs at 10 epochs. ``cpu-long`` (~2 h):
-    the convergence grid, the main rows at 30 epochs (three seeds), 60 epochs and on the synthetic identities; same
+    the convergence grid, the main rows at 30 epochs (three seeds) and 60 epochs; same
     old models and stage folders, so both can share one ``--out``. ``gpu``: every track, wider and longer.
     """
     if scale in ("cpu", "cpu-long"):
@@ -214,13 +214,12 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
             False,
             priority=1.75,
         ),
-        # The synthetic identities, at the convergence length: the main rows only (the second data set checks the
-        # direction, not the grid).
+        # The synthetic identities: the main rows only (the second data set checks the direction, not the grid).
         "synthetic_arcface": Track(
             "synthetic_arcface",
             "synthetic_arcface",
             dict(arch=arch_new, width=new_w, embedding_size=d_full),
-            3 * steps_new,
+            steps_new,
             seeds[:1] if side else seeds,
             main,
             (),
@@ -243,7 +242,7 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
             priority=0.8,
         ),
     }
-    long_tracks = ("omniglot_arcface_long", "omniglot_softmax_long", "omniglot_arcface_xlong", "synthetic_arcface")
+    long_tracks = ("omniglot_arcface_long", "omniglot_softmax_long", "omniglot_arcface_xlong")
     if scale == "cpu":
         tracks = {k: v for k, v in tracks.items() if k not in long_tracks}
     elif scale == "cpu-long":
@@ -489,15 +488,18 @@ def run_study(
     clock = Clock(total)
     dsets = datasets(data)
     out.mkdir(parents=True, exist_ok=True)
+    # The folder accumulates: a track of another scale run into the same --out stays in the report.
+    previous = json.loads((out / "study.json").read_text()) if (out / "study.json").exists() else {}
+    scales = sorted(set(previous.get("scale", scale).split("+")) | {scale})
     _save_json(
         out / "study.json",
         {
-            "scale": scale,
+            "scale": "+".join(scales),
             "batch": BATCH,
             "keep": KEEP,
             "datasets": dsets,
-            "olds": {k: dataclasses.asdict(v) for k, v in olds.items()},
-            "tracks": {k: dataclasses.asdict(v) for k, v in tracks.items()},
+            "olds": {**previous.get("olds", {}), **{k: dataclasses.asdict(v) for k, v in olds.items()}},
+            "tracks": {**previous.get("tracks", {}), **{k: dataclasses.asdict(v) for k, v in tracks.items()}},
         },
     )
     t_start = time.time()

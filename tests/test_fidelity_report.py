@@ -96,5 +96,4 @@ def test_second_seeds_before_third(fidelity):
         "omniglot_arcface_long",
         "omniglot_softmax_long",
         "omniglot_arcface_xlong",
-        "synthetic_arcface",
     }
