@@ -80,6 +80,12 @@ def save(
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def save_run(mngr: ocp.CheckpointManager, step: int, host_state: PyTree, data: dict[str, Any]) -> None:
+    """Saves a training state (host layout) with its extractable model and the input state ``data``."""
+    model = model_variables(host_state["params"]["backbone"], host_state["batch_stats"])
+    save(mngr, step, state=host_state, model=model, data=data)
+
+
 def restore_data(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
     """The input iterator's state saved at ``step``; None for a checkpoint written before it was stored."""
     if not (pathlib.Path(mngr.directory) / str(step) / "data").exists():

@@ -230,6 +230,12 @@ class PeriodicEval:
                         record[f"eval/{name.split(':', 1)[1]}/{row}/accuracy"] = float(metrics["accuracy"])
         return record
 
+    @staticmethod
+    def summary(step: int, record: dict[str, Any]) -> str:
+        """The trainer's log line of an ``evaluate`` record: its top-1, mAP and accuracy values."""
+        values = (f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items() if k.endswith(("top1", "mAP", "accuracy")))
+        return f"step {step} eval: " + " ".join(values)
+
 
 def _protocols(config) -> list[tuple[str, str]]:
     """``config.evals`` as ``evaluate``'s (protocol, data) pairs."""

@@ -19,6 +19,14 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+def train_line(done: int, total: int, steps_per_epoch: int, metrics: dict, rate: float) -> str:
+    """The trainer's log line: ``step 50/300 ep 2.00 loss 11.0782 lr 0.07000 214 img/s ETA 1m14s``."""
+    speed = f"{metrics['img_per_s']:.0f} img/s ETA {format_eta((total - done) / rate)}" if rate else ""
+    return (
+        f"step {done}/{total} ep {done / steps_per_epoch:.2f} loss {metrics['loss']:.4f} lr {metrics['lr']:.5f} {speed}"
+    )
+
+
 class Progress:
     """Counts work done and prints `desc: done/total (pct) rate/s ETA h:mm:ss`.
 

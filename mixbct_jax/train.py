@@ -85,11 +85,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: dict) -> dict[str, Any]:
     # Imported here: the input pipeline and the evaluations (Grain, decoders) are not needed by the step.
     from mixbct_jax import evaluate
-    from mixbct_jax.data import pipeline
+    from mixbct_jax.data import pipeline, sources
 
     # ------------------------------------------------------------------------------------- devices, data, step
     mesh = step_lib.make_mesh(config)
-    source, subset, num_classes = _data(config)
+    source, subset, num_classes = sources.open_training_data(config)
     steps_per_epoch, total_steps = resolve_steps(config, len(subset))
     ts = step_lib.build(
         config, num_classes=num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps, mesh=mesh
@@ -101,16 +101,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous)
 
     def data_state(step: int) -> dict[str, Any]:
-        return pipeline.data_state(
-            step=step,
-            seed=config.seed,
-            global_batch=config.data.global_batch,
-            num_examples=len(subset),
-            flip=config.data.flip,
-            process_count=jax.process_count(),
-            source=config.data.source,
-            subset=f"{config.data.scenario}/{config.data.role}/{config.data.split_ratio}",
-        )
+        return pipeline.run_data_state(config, len(subset), step)
 
     start_step, state = _restore_or_init(config, workdir, ts, mngr, changes, data_state, init_key)
     if start_step == 0:
@@ -125,17 +116,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
         _log(f"resuming {workdir} at step {start_step}/{total_steps}")
 
     # ---------------------------------------------------------------------------------------------------- loop
-    batches = pipeline.train_batches(
-        source,
-        subset,
-        global_batch=config.data.global_batch,
-        seed=config.seed,
-        start_step=start_step,
-        flip=config.data.flip,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        threads=None if config.data.threads < 0 else config.data.threads,
-    )
+    batches = pipeline.run_train_batches(config, source, subset, start_step)
     writer = metrics_writer.MetricsWriter(
         workdir, start_step=start_step, enabled=jax.process_index() == 0, tensorboard=config.tensorboard
     )
@@ -144,16 +125,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
     last: dict[str, Any] = {}
     epoch, consts = -1, None
     t0, n0 = time.time(), start_step
-
-    def save(step: int) -> None:
-        host_state = ts.host_state(state)
-        checkpoint.save(
-            mngr,
-            step,
-            state=host_state,
-            model=checkpoint.model_variables(host_state["params"]["backbone"], host_state["batch_stats"]),
-            data=data_state(step),
-        )
 
     try:
         for step in range(start_step, total_steps):
@@ -172,28 +143,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
                 rate = (done - n0) / max(time.time() - t0, 1e-9)  # steps/s since the first (compiling) step
                 last.update(epoch=done / steps_per_epoch, img_per_s=rate * config.data.global_batch)
                 last = writer.write(done, last)
-                speed = (
-                    f"{last['img_per_s']:.0f} img/s ETA {progress.format_eta((total_steps - done) / rate)}"
-                    if rate
-                    else ""
-                )
-                _log(
-                    f"step {done}/{total_steps} ep {done / steps_per_epoch:.2f} loss {last['loss']:.4f} "
-                    f"lr {last['lr']:.5f} {speed}"
-                )
+                _log(progress.train_line(done, total_steps, steps_per_epoch, last, rate))
             if done % config.checkpoint.every_steps == 0 or done == total_steps:
                 if skips.safe_to_save(done, final=done == total_steps, log=_log):
-                    save(done)
+                    checkpoint.save_run(mngr, done, ts.host_state(state), data_state(done))
             if config.evals.every_steps > 0 and done % config.evals.every_steps == 0 and done < total_steps:
                 record = writer.write(done, periodic.evaluate(ts.model_variables(state), done))
-                _log(
-                    f"step {done} eval: "
-                    + " ".join(
-                        f"{k.split('/', 1)[1]} {v:.4f}"
-                        for k, v in record.items()
-                        if k.endswith(("top1", "mAP", "accuracy"))
-                    )
-                )
+                _log(periodic.summary(done, record))
     finally:
         batches.close()  # stops the input worker processes
         mngr.wait_until_finished()
@@ -205,20 +161,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, changes: di
     writer.close()
     last.update(final)
     return last
-
-
-def _data(config):
-    """(the image source, this run's training subset, the head's class count C)."""
-    from mixbct_jax.data import sources, splits
-
-    source = sources.open_source(config.data.source)
-    subset = splits.scenario(config.data.scenario, source.labels, config.data.split_ratio)[config.data.role]
-    if tuple(source.image_shape[:2]) != (config.model.input_size,) * 2:
-        raise ValueError(
-            f"config.data.source={config.data.source!r} has {source.image_shape[:2]} images but "
-            f"config.model.input_size={config.model.input_size}; make them agree."
-        )
-    return source, subset, config.model.num_classes if config.model.num_classes > 0 else subset.num_classes
 
 
 def _restore_or_init(config, workdir, ts, mngr, changes, data_state, init_key) -> tuple[int, Any]:

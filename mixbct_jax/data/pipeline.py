@@ -422,3 +422,36 @@ def check_resume(saved: dict[str, Any] | None, expected: dict[str, Any], *, allo
             "train on other batches than the interrupted run. Resume with the run's original config "
             "(config.json in the workdir) or start a new --workdir."
         )
+
+
+def run_data_state(config, num_examples: int, step: int) -> dict[str, Any]:
+    """``data_state`` of a training run of ``config`` over ``num_examples`` examples at ``step``."""
+    import jax
+
+    return data_state(
+        step=step,
+        seed=config.seed,
+        global_batch=config.data.global_batch,
+        num_examples=num_examples,
+        flip=config.data.flip,
+        process_count=jax.process_count(),
+        source=config.data.source,
+        subset=f"{config.data.scenario}/{config.data.role}/{config.data.split_ratio}",
+    )
+
+
+def run_train_batches(config, source, subset, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    """``train_batches`` of a training run of ``config`` (this process's rows), from ``start_step`` on."""
+    import jax
+
+    return train_batches(
+        source,
+        subset,
+        global_batch=config.data.global_batch,
+        seed=config.seed,
+        start_step=start_step,
+        flip=config.data.flip,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        threads=None if config.data.threads < 0 else config.data.threads,
+    )

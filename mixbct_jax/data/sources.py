@@ -654,3 +654,17 @@ def _open_unrestricted(spec: str) -> Source:
         _no_more(options, spec, ("data_dir", "image_key", "label_key", "size"))
         return TfdsSource(spec, dataset, split, size=size, **kwargs)
     raise ValueError(f"unknown source spec {spec!r}; use one of:\n  " + "\n  ".join(SPEC_FORMS))
+
+
+def open_training_data(config):
+    """(the image source, the run's training subset, the head's class count C) of ``config``."""
+    from mixbct_jax.data import splits
+
+    source = open_source(config.data.source)
+    subset = splits.scenario(config.data.scenario, source.labels, config.data.split_ratio)[config.data.role]
+    if tuple(source.image_shape[:2]) != (config.model.input_size,) * 2:
+        raise ValueError(
+            f"config.data.source={config.data.source!r} has {source.image_shape[:2]} images but "
+            f"config.model.input_size={config.model.input_size}; make them agree."
+        )
+    return source, subset, config.model.num_classes if config.model.num_classes > 0 else subset.num_classes
