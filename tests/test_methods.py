@@ -476,7 +476,9 @@ def test_advbct_gradient_reversal_sign():
     # Discriminator: a directional derivative along a random direction of its parameters, not reversed.
     rng = np.random.RandomState(0)
     direction = jax.tree.map(lambda a: rng.normal(size=a.shape), p["discriminator"])
-    shifted = lambda t: jax.tree.map(lambda a, v: a + t * v, p["discriminator"], direction)
+    def shifted(t):
+        return jax.tree.map(lambda a, v: a + t * v, p["discriminator"], direction)
+
     eps = 1e-5
     fd = scale * (np_adv(emb, old, shifted(eps)) - np_adv(emb, old, shifted(-eps))) / (2 * eps)
     analytic = sum(

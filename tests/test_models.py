@@ -90,10 +90,10 @@ def test_bfloat16_config_runs_every_convolution_in_bfloat16_with_float32_paramet
     for dtype in ("float32", "bfloat16"):
         config.model.dtype = dtype
         model = models.build_from_config(config.model)
-        own = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+        own = jax.eval_shape(lambda x, model=model: model.init(jax.random.key(0), x, train=False), x)
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(own))
 
-        def embed(params, x):  # train=True: batch statistics keep the activations O(1), as in training
+        def embed(params, x, model=model):  # train=True: batch statistics keep the activations O(1), as in training
             return model.apply(
                 {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
             )[0]

@@ -219,7 +219,8 @@ def host_update(
     if latest < epoch:
         warnings.warn(
             f"UniBCT: {path} is missing; refining the prototypes of epoch {latest} again with the "
-            f"current model at epoch {epoch}"
+            f"current model at epoch {epoch}",
+            stacklevel=2,
         )
     labels = np.asarray(subset.labels).astype(np.int64)
     num_classes = config.model.num_classes if config.model.num_classes > 0 else subset.num_classes
