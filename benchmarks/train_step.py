@@ -213,8 +213,10 @@ def train_gflop_per_image(arch: str, input_size: int, embedding_size: int, width
 
 
 def expected_init_loss(num_classes: int, embedding_size: int) -> float:
-    """ArcFace CE at init: target logit s cos(pi/2 + m) = -s sin m; the others s cos with cos ~ N(0, 1/D), whose
-    log-sum-exp over C classes is about log C + s^2 / (2 D). 43.9 for C=10000, D=512.
+    """ArcFace CE at init: about log C + s sin m + s^2 / (2 D); 43.9 for C=10000, D=512.
+
+    The target logit is s cos(pi/2 + m) = -s sin m; the others are s cos with cos ~ N(0, 1/D), whose
+    log-sum-exp over C classes is about log C + s^2 / (2 D).
     """
     return math.log(num_classes) + ARCFACE_S * math.sin(ARCFACE_M) + ARCFACE_S**2 / (2 * embedding_size)
 

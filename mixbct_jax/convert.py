@@ -1,9 +1,9 @@
-"""Moves backbones between insightface PyTorch state dicts (or ONNX models) and mixbct-jax run directories.
+r"""Moves backbones between insightface PyTorch state dicts (or ONNX models) and mixbct-jax run directories.
 
 Import (a PyTorch old model becomes a run directory that ``checkpoint.load_params`` and ``embed.load_embedder``
 accept like a trained run)::
 
-    python -m mixbct_jax.convert --torch backbone.pth --arch r18 [--embedding_size 512] [--input_size 112] \\
+    python -m mixbct_jax.convert --torch backbone.pth --arch r18 [--embedding_size 512] [--input_size 112] \
         --out runs/old_r18
 
 Export (a run's backbone becomes a state dict that the reference's ``get_model(arch, num_features=D)`` loads

@@ -78,9 +78,10 @@ def matmul_dtypes(fn, *args) -> collections.Counter:
 
 
 def test_bfloat16_config_runs_every_convolution_in_bfloat16_with_float32_parameters():
-    """config.model.dtype=bfloat16: the 13 convolutions and the fc of r_tiny take bf16 operands, forward and
-    backward, while parameters and the embedding stay float32; the embedding is within 3% (relative L2) of the
-    float32 model's with the same parameters, and not equal to it (measured: 0.85%).
+    """config.model.dtype=bfloat16: the 13 convolutions and the fc of r_tiny take bf16 operands.
+
+    That holds forward and backward, while parameters and the embedding stay float32; the embedding is within 3%
+    (relative L2) of the float32 model's with the same parameters, and not equal to it (measured: 0.85%).
     """
     config = config_lib.default_config()
     config.model.update(arch="r_tiny", embedding_size=16, input_size=32, width=0.25)

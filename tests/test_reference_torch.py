@@ -290,8 +290,9 @@ def class_prototypes(seed=1):
 
 
 def zero_gradient(key):
-    """Biases whose output goes straight into a train-mode BatchNorm, which removes any per-channel constant: a
-    block's ``bn3`` and shortcut BN biases (the sum feeds the next block's ``bn1`` or the head's ``bn2``) and the
+    """Biases whose output goes straight into a train-mode BatchNorm, which removes any per-channel constant.
+
+    They are a block's ``bn3`` and shortcut BN biases (the sum feeds the next block's ``bn1`` or the head's ``bn2``) and the
     head's ``bn2`` bias (flatten -> fc -> BN1d). Their gradient is exactly zero; both sides hold rounding noise
     (~1e-9) there, so they are checked to stay at zero instead of relatively.
     """

@@ -51,8 +51,10 @@ _META_TABLES = {
 
 
 def load_meta(path: str) -> dict[str, np.ndarray]:
-    """The class meta ``.npz`` of ``prepare advbct-meta`` -> ``{'advbct_center' [C, D], 'advbct_radius_max' [C],
-    'advbct_num_kept' [C]}`` (the batch keys they are fed under).
+    """Loads the class meta ``.npz`` of ``prepare advbct-meta``.
+
+    Returns ``{'advbct_center' [C, D], 'advbct_radius_max' [C], 'advbct_num_kept' [C]}`` (the batch keys they are
+    fed under).
     """
     hint = f"write it with `{_META}`"
     if not os.path.isfile(path):

@@ -131,7 +131,9 @@ def enqueue(state: dict, feats: jax.Array, labels: jax.Array, logits: jax.Array)
 
     Args:
       state: the queue state.
-      feats: [N, D] normalised old embeddings; labels: [N]; logits: [N, C_local] this device's logit columns.
+      feats: [N, D] normalised old embeddings.
+      labels: [N].
+      logits: [N, C_local] this device's logit columns.
 
     Returns:
       The new state, pointer advanced by N modulo Q.

@@ -82,8 +82,10 @@ def default_workers(cpus: int | None = None) -> int:
 
 
 def _workers(threads: int | None, reader: _BatchReader) -> int:
-    """Worker processes for ``threads``: as given when >= 0; automatic (None or < 0): :func:`default_workers` when
-    there are images to decode, 0 for in-memory sources (synthetic, npz), whose reads are a cheap array gather.
+    """Worker processes for ``threads``: as given when >= 0, else automatic.
+
+    Automatic (None or < 0): :func:`default_workers` when there are images to decode, 0 for in-memory sources
+    (synthetic, npz), whose reads are a cheap array gather.
     """
     if threads is None or threads < 0:
         return default_workers() if reader.encoded else 0
@@ -402,10 +404,12 @@ _CONFIG_FIELDS = {"seed": "seed", "data.global_batch": "global_batch", "data.fli
 
 
 def check_resume(saved: dict[str, Any] | None, expected: dict[str, Any], *, allowed: Any = ()) -> None:
-    """Raises a clear error when a checkpoint's input state does not match this run's (same fields as
-    :func:`data_state`); ``saved`` None (a checkpoint written before the state was stored) passes.
+    """Raises a clear error when a checkpoint's input state does not match this run's.
 
     Args:
+      saved: the checkpoint's input state (same fields as :func:`data_state`); None (a checkpoint written before
+        the state was stored) passes.
+      expected: this run's input state (:func:`data_state`).
       allowed: config fields the resume changes on purpose (``guard.check_resume``'s result); the state fields
         they set are not compared.
     """

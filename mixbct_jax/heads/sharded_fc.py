@@ -41,8 +41,10 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 def is_centres(path) -> bool:
-    """Whether a leaf's tree path (``jax.tree_util`` keys) lies under a ``'centres'`` key: the sharded class centres
-    and their optimizer slots, split by rows over the device axis rather than replicated.
+    """Whether a leaf's tree path (``jax.tree_util`` keys) lies under a ``'centres'`` key.
+
+    Those leaves are the sharded class centres and their optimizer slots, split by rows over the device axis
+    rather than replicated.
     """
     return any(getattr(k, "key", None) == "centres" for k in path)
 
