@@ -1,12 +1,12 @@
 """The input pipeline on Grain: deterministic, resumable global batches of decoded uint8 images, no TensorFlow.
 
-Order (docs/data.md (data order), as a global permutation instead of the reference's per-rank strided sampler): epoch ``e`` is
-the permutation ``np.random.default_rng([seed, e]).permutation(n)`` of the subset, cut into global batches of
+Order (docs/data.md (data order), as a global permutation instead of the reference's per-rank strided sampler): epoch
+``e`` is the permutation ``np.random.default_rng([seed, e]).permutation(n)`` of the subset, cut into global batches of
 ``global_batch`` with the remainder dropped; step ``s`` is batch ``s % steps_per_epoch`` of epoch
 ``s // steps_per_epoch``. The order is a pure function of ``(seed, step)``, so starting at ``start_step`` resumes
-exactly, skipping at the index level without decoding; the state a checkpoint needs is :func:`data_state`.
-Process ``p`` of ``P`` yields the contiguous slice ``[p·B/P, (p+1)·B/P)`` of every global batch. The horizontal
-flip (p = 0.5, docs/data.md (augmentation)) is a hash of ``(seed, epoch, subset index)``, so it is reproducible as well.
+exactly, skipping at the index level without decoding; the state a checkpoint needs is :func:`data_state`. Process ``p``
+of ``P`` yields the contiguous slice ``[p·B/P, (p+1)·B/P)`` of every global batch. The horizontal flip (p = 0.5,
+docs/data.md (augmentation)) is a hash of ``(seed, epoch, subset index)``, so it is reproducible as well.
 
 How batches are produced: a ``grain.MapDataset`` over step numbers maps each step to its whole local batch
 (:class:`_BatchReader`: plan the indices, read the encoded bytes, decode with :func:`sources.decode_rgb`, flip).

@@ -1,4 +1,6 @@
-r"""Reader and writer of MXNet/insightface RecordIO files (``.rec`` + ``.idx``) without MXNet (docs/data.md (insightface .rec/.idx)-1.2).
+r"""Reader and writer of MXNet/insightface RecordIO files (``.rec`` + ``.idx``) without MXNet.
+
+Described in docs/data.md (insightface .rec/.idx)-1.2.
 
 Byte format (little-endian). A ``.rec`` file is a sequence of physical records::
 

@@ -1,4 +1,6 @@
-"""Class centres sharded over the device axis, with a distributed margin-softmax cross-entropy (docs/methods.md (the margin head)).
+"""Class centres sharded over the device axis, with a distributed margin-softmax cross-entropy.
+
+Described in docs/methods.md (the margin head).
 
 These functions run inside the per-device program (``shard_map`` or ``pmap``) with a named axis. Device ``d``
 holds rows ``[d * C_local, (d + 1) * C_local)`` of the (zero-padded) centre matrix. The embeddings of the whole
