@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         w = rng.standard_normal((k, k, c, o), dtype=np.float32) * 0.1
         dn = ("NHWC", "HWIO", "NHWC")
 
-        def conv(x, w):
+        def conv(x, w, st=st, pad=pad, dn=dn):
             return jax.lax.conv_general_dilated(x, w, (st, st), pad, dimension_numbers=dn)
 
         fwd = jax.jit(conv)
@@ -88,18 +88,19 @@ def main(argv=None) -> int:
         tw = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
         tg = torch.from_numpy(g.transpose(0, 3, 1, 2).copy())
 
-        def t_fwd():
+        # Defaults bind this shape's tensors (each closure runs only within its own iteration).
+        def t_fwd(tx=tx, tw=tw, st=st, k=k):
             with torch.no_grad():
                 F.conv2d(tx, tw, stride=st, padding=k // 2)
 
-        def t_bwd():
+        def t_bwd(tx=tx, tw=tw, tg=tg, st=st, k=k):
             xr, wr = tx.clone().requires_grad_(True), tw.clone().requires_grad_(True)
             F.conv2d(xr, wr, stride=st, padding=k // 2).backward(tg)
 
-        def j_fwd():
+        def j_fwd(fwd=fwd, jx=jx, jw=jw):
             jax.block_until_ready(fwd(jx, jw))
 
-        def j_bwd():
+        def j_bwd(bwd=bwd, jx=jx, jw=jw, jg=jg):
             jax.block_until_ready(bwd(jx, jw, jg))
 
         times = {name: [] for name in totals}

@@ -5,8 +5,8 @@ it. Needs TensorFlow (``pip install -e ".[tf]"``). Its docstring follows.
 
 The tf.data input pipeline: deterministic, resumable global batches of decoded uint8 images.
 
-Order (docs/data.md (data order), as a global permutation instead of the reference's per-rank strided sampler): epoch ``e`` is
-the permutation ``np.random.default_rng([seed, e]).permutation(n)`` of the subset, cut into global batches of
+Order (docs/data.md (data order), as a global permutation instead of the reference's per-rank strided sampler): epoch
+``e`` is the permutation ``np.random.default_rng([seed, e]).permutation(n)`` of the subset, cut into global batches of
 ``global_batch`` with the remainder dropped; step ``s`` is batch ``s % steps_per_epoch`` of epoch
 ``s // steps_per_epoch``. The order is a pure function of ``(seed, step)``, so starting at ``start_step`` resumes
 exactly, skipping at the index level without decoding. Process ``p`` of ``P`` yields the contiguous slice

@@ -1,4 +1,4 @@
-"""Builds ``omniglot_small_28.npz``, the small real image set of the Omniglot benchmarks, from Omniglot's own zips.
+r"""Builds ``omniglot_small_28.npz``, the small real image set of the Omniglot benchmarks, from Omniglot's own zips.
 
 The comparisons in ``benchmarks/compat_table.py`` and ``benchmarks/fidelity.py`` read ``omniglot_small_28.npz``:
 ``images`` uint8 [4840, 28, 28] (ink = 255), ``label`` int32 [4840] (0..241), ``class_names`` [242]
@@ -6,7 +6,7 @@ The comparisons in ``benchmarks/compat_table.py`` and ``benchmarks/fidelity.py``
 Omniglot repository by Brenden Lake (github.com/brendenlake/omniglot, ``python/images_background_small1.zip`` and
 ``python/images_background_small2.zip``; MIT licence):
 
-    python benchmarks/omniglot_npz.py images_background_small1.zip images_background_small2.zip \\
+    python benchmarks/omniglot_npz.py images_background_small1.zip images_background_small2.zip \
         --out data/omniglot_small_28.npz
     python benchmarks/fidelity.py run --data data/omniglot_small_28.npz ...
 

@@ -189,8 +189,10 @@ class _CpuSampler:
 
 
 def run_loop(config, tmp: str, rep: int) -> tuple[float, float, float | None]:
-    """(img/s, img per CPU-second, img per CPU-second after the first epoch or None) of the trainer, over the
-    steps after the first (compiling) one. After one epoch an in-memory source serves every image from memory.
+    """Throughput of the trainer over the steps after the first (compiling) one.
+
+    Returns (img/s, img per CPU-second, img per CPU-second after the first epoch or None). After one epoch an
+    in-memory source serves every image from memory.
     """
     workdir = tempfile.mkdtemp(prefix=f"loop{rep}_", dir=tmp)
     with _CpuSampler() as sampler:

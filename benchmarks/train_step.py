@@ -5,10 +5,10 @@ by default), an IResNet from ``mixbct_jax.models``, the ArcFace head with class 
 the optax chain of ``mixbct_jax.optim`` (SGD momentum 0.9, coupled weight decay 5e-4, backbone-only global-norm
 clip 5), and optionally the MixBCT mix-up (``--method mixbct``).
 
-PyTorch side (imported only for that part; ``--no-torch`` skips it): a compact IResNet written here from the reference MixBCT code's backbones/iresnet.py,
-ArcFace (s=64, m=0.5) with a full softmax over all classes on one device, ``torch.optim.SGD(momentum=0.9,
-weight_decay=5e-4)`` and ``clip_grad_norm_(backbone, 5)``; eager mode as in the reference. On a GPU it uses
-``channels_last``, cuDNN autotuning and, with ``--dtype bfloat16``, autocast to bf16.
+PyTorch side (imported only for that part; ``--no-torch`` skips it): a compact IResNet written here from the reference
+MixBCT code's backbones/iresnet.py, ArcFace (s=64, m=0.5) with a full softmax over all classes on one device,
+``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)`` and ``clip_grad_norm_(backbone, 5)``; eager mode as in the
+reference. On a GPU it uses ``channels_last``, cuDNN autotuning and, with ``--dtype bfloat16``, autocast to bf16.
 
 Both sides read synthetic uint8 images already on the device (the step, not the input pipeline, is measured), time
 ``--windows`` windows of ``--steps / --windows`` steps each after ``--warmup`` steps, synchronise around every
@@ -22,11 +22,11 @@ Model FLOPs are counted analytically: forward multiply-accumulates of every conv
 model FLOP utilisation is reported against ``--peak-tflops`` (dense bf16; 989 for an H100 SXM) per device; on a
 CPU, where no peak is known, the achieved model GFLOP/s instead.
 
-ViTs (``--arch vit_t|vit_s|vit_b|vit_l``, the reference MixBCT code's backbones/vit.py) run on the JAX side only, next to a JAX IResNet baseline
-(``--baseline``, r50 by default) with the same head, batch and dtype, timed in alternating windows in the same run.
-Their count (``vit_forward_macs``): patch embedding ``L E 3 p^2``; per block, on the T tokens the encoder sees in
-training (T = int(L (1 - mask_ratio)): 129 of 144 for vit_s), ``12 T E^2`` for qkv, proj and the 4E MLP plus
-``2 T^2 E`` for q k^T and attn v; head ``L E^2 + E D``. vit_s at 112x112 with D=512 gives 30.8 GFLOP per
+ViTs (``--arch vit_t|vit_s|vit_b|vit_l``, the reference MixBCT code's backbones/vit.py) run on the JAX side only, next
+to a JAX IResNet baseline (``--baseline``, r50 by default) with the same head, batch and dtype, timed in alternating
+windows in the same run. Their count (``vit_forward_macs``): patch embedding ``L E 3 p^2``; per block, on the T tokens
+the encoder sees in training (T = int(L (1 - mask_ratio)): 129 of 144 for vit_s), ``12 T E^2`` for qkv, proj and the 4E
+MLP plus ``2 T^2 E`` for q k^T and attn v; head ``L E^2 + E D``. vit_s at 112x112 with D=512 gives 30.8 GFLOP per
 training image. Remat's recomputed forward is not counted (model FLOPs, not hardware FLOPs); LayerNorm, softmax,
 BatchNorm and the classifier head are left out, as for the IResNets.
 
@@ -80,7 +80,8 @@ def stage_widths(width: float = 1.0) -> tuple[int, ...]:
     return tuple(max(1, int(round(c * width))) for c in WIDTHS)
 
 
-# insightface ViTs (the reference MixBCT code's backbones/vit.py): embed_dim, depth, mask_ratio; 8 heads, patch 9, MLP 4E.
+# insightface ViTs (the reference MixBCT code's backbones/vit.py): embed_dim, depth, mask_ratio;
+# 8 heads, patch 9, MLP 4E.
 VIT_DIMS = {"vit_t": (256, 12, 0.1), "vit_s": (512, 12, 0.1), "vit_b": (512, 24, 0.1), "vit_l": (768, 24, 0.05)}
 VIT_PATCH = 9
 ARCFACE_S, ARCFACE_M = 64.0, 0.5
@@ -213,8 +214,10 @@ def train_gflop_per_image(arch: str, input_size: int, embedding_size: int, width
 
 
 def expected_init_loss(num_classes: int, embedding_size: int) -> float:
-    """ArcFace CE at init: target logit s cos(pi/2 + m) = -s sin m; the others s cos with cos ~ N(0, 1/D), whose
-    log-sum-exp over C classes is about log C + s^2 / (2 D). 43.9 for C=10000, D=512.
+    """ArcFace CE at init: about log C + s sin m + s^2 / (2 D); 43.9 for C=10000, D=512.
+
+    The target logit is s cos(pi/2 + m) = -s sin m; the others are s cos with cos ~ N(0, 1/D), whose
+    log-sum-exp over C classes is about log C + s^2 / (2 D).
     """
     return math.log(num_classes) + ARCFACE_S * math.sin(ARCFACE_M) + ARCFACE_S**2 / (2 * embedding_size)
 
@@ -381,7 +384,10 @@ def setup_jax(args, arch: str | None = None, name: str = "jax") -> Runner:
 
 
 def build_torch_iresnet(torch, arch: str, input_size: int, embedding_size: int, width: float = 1.0):
-    """IResNet as the reference MixBCT code's backbones/iresnet.py (NCHW): pre-BN basic blocks with PReLU, stride on the second conv, BN1d head."""
+    """IResNet as the reference MixBCT code's backbones/iresnet.py (NCHW).
+
+    Pre-BN basic blocks with PReLU, stride on the second conv, BN1d head.
+    """
     nn = torch.nn
 
     class IBasicBlock(nn.Module):

@@ -26,15 +26,14 @@ training set, then `python -m mixbct_jax.prepare`):
   advbct: --config.old.features and --config.old.advbct_meta (prepare advbct-meta)
 
 New backbone: new_arch=r50 (default, the paper's) or any backbone of mixbct_jax.models.ARCHS, e.g. a ViT
-(new_arch=vit_s; vit_t, vit_b, vit_l): insightface's ViT (the reference MixBCT code's backbones/vit.py: patch 9 on 112x112, token masking and drop
-path in training only), embedding size D as the old model's. TPU/GPU settings for a ViT new model (override on the
-command line): --config.model.dtype=bfloat16 (bf16 matmuls, fp32 parameters, attention softmax, LayerNorms and
-head in fp32); --config.model.remat=on|off|auto (jax.checkpoint per block; auto = on for the 24-block vit_b/vit_l,
-trading about 1/3 more compute for activation memory); --config.data.global_batch (a multiple of the device
-count; by our estimate, not a measurement, vit_s keeps ~50 MB of bf16 activations per 112x112 image, so 128 per
-device fits a 16 GiB TPU core or GPU without remat, while vit_b/vit_l need remat or a smaller batch). The
-optimizer stays the
-paper's SGD recipe below (insightface trains its ViTs with AdamW, which this project does not implement), so a
+(new_arch=vit_s; vit_t, vit_b, vit_l): insightface's ViT (the reference MixBCT code's backbones/vit.py: patch 9 on
+112x112, token masking and drop path in training only), embedding size D as the old model's. TPU/GPU settings for a ViT
+new model (override on the command line): --config.model.dtype=bfloat16 (bf16 matmuls, fp32 parameters, attention
+softmax, LayerNorms and head in fp32); --config.model.remat=on|off|auto (jax.checkpoint per block; auto = on for the
+24-block vit_b/vit_l, trading about 1/3 more compute for activation memory); --config.data.global_batch (a multiple of
+the device count; by our estimate, not a measurement, vit_s keeps ~50 MB of bf16 activations per 112x112 image, so 128
+per device fits a 16 GiB TPU core or GPU without remat, while vit_b/vit_l need remat or a smaller batch). The optimizer
+stays the paper's SGD recipe below (insightface trains its ViTs with AdamW, which this project does not implement), so a
 ViT new model is an experiment, not a reproduced result.
 
 Recipe (as the reference): global batch 1024 (128 x 8), ArcFace s=64 m=0.5 with sharded centres, SGD 0.1

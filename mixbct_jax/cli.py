@@ -46,8 +46,10 @@ def user_error_type(err: BaseException) -> bool:
 
 
 def snake_case_flags(argv: Sequence[str]) -> list[str]:
-    """``--batch-size 8`` -> ``--batch_size 8``: every command line takes snake_case flags (the style of
-    ``--config.data.global_batch``); the hyphenated spelling of earlier releases keeps working.
+    """``--batch-size 8`` -> ``--batch_size 8``: hyphenated flags become snake_case.
+
+    Every command line takes snake_case flags (the style of ``--config.data.global_batch``); the hyphenated
+    spelling of earlier releases keeps working.
     """
     out = []
     for arg in argv:
@@ -84,8 +86,10 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
 
 
 def parse_absl_flags(prog: str, argv: Sequence[str]) -> None:
-    """Parses ``argv`` into absl's ``FLAGS``; a bad value or an override of a config field that does not exist is
-    one ``UserError`` line (absl's ``app.run`` would print a multi-line report).
+    """Parses ``argv`` into absl's ``FLAGS``.
+
+    A bad value or an override of a config field that does not exist is one ``UserError`` line (absl's
+    ``app.run`` would print a multi-line report).
     """
     import re
 

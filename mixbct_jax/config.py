@@ -93,8 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
-    """Sets ``c.bct.method`` and the method's preset (its ``bct.api.Method.presets``), the reference's settings
-    for it (docs/methods.md (settings per method)).
+    """Sets ``c.bct.method`` and the method's preset (its ``bct.api.Method.presets``).
+
+    The preset holds the reference's settings for the method (docs/methods.md (settings per method)).
 
     ``method`` is a preset name: a method's name, or another preset of a method (``weakened_l2``: the L2 method
     with threshold 0.2). BCT keeps the reference's ``warmup_epoch = -1`` quirk (its learning rate starts at
@@ -321,8 +322,10 @@ _FIELD_LINE = re.compile(r"^\s*c\.([\w.]+)\s*=\s*(.*?)\s*#\s*(.*)$")
 
 
 def field_docs() -> dict[str, str]:
-    """One line of meaning per field, read from the comments of :func:`default_config` (the single place they
-    are written) and, for a method's fields, from its module (``bct.api.Field``).
+    """One line of meaning per field.
+
+    Read from the comments of :func:`default_config` (the single place they are written) and, for a method's
+    fields, from its module (``bct.api.Field``).
     """
     import inspect
 

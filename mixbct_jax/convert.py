@@ -1,9 +1,9 @@
-"""Moves backbones between insightface PyTorch state dicts (or ONNX models) and mixbct-jax run directories.
+r"""Moves backbones between insightface PyTorch state dicts (or ONNX models) and mixbct-jax run directories.
 
 Import (a PyTorch old model becomes a run directory that ``checkpoint.load_params`` and ``embed.load_embedder``
 accept like a trained run)::
 
-    python -m mixbct_jax.convert --torch backbone.pth --arch r18 [--embedding_size 512] [--input_size 112] \\
+    python -m mixbct_jax.convert --torch backbone.pth --arch r18 [--embedding_size 512] [--input_size 112] \
         --out runs/old_r18
 
 Export (a run's backbone becomes a state dict that the reference's ``get_model(arch, num_features=D)`` loads
@@ -482,11 +482,13 @@ def torch_to_flax(
             continue
         x = np.asarray(backbone[leaf.torch_key], dtype=np.float32)
         if leaf.layout == "ones":
-            # The Flax head BatchNorm1d has no scale because the reference freezes it at 1 (the reference MixBCT code's backbones/iresnet.py).
+            # The Flax head BatchNorm1d has no scale because the reference freezes it at 1
+            # (the reference MixBCT code's backbones/iresnet.py).
             if not np.allclose(x, 1.0, rtol=0, atol=1e-6):
                 raise ValueError(
                     f"{source}: {leaf.torch_key} must be all ones (the frozen gamma of the head "
-                    f"BatchNorm1d, the reference MixBCT code's backbones/iresnet.py) but ranges over [{x.min():.6g}, {x.max():.6g}]; this "
+                    f"BatchNorm1d, the reference MixBCT code's backbones/iresnet.py) but ranges over "
+                    f"[{x.min():.6g}, {x.max():.6g}]; this "
                     f"model trained its gamma and {arch} in mixbct-jax cannot represent it."
                 )
             continue

@@ -25,8 +25,9 @@ from mixbct_jax.models import normalize_images  # noqa: F401 (the input conventi
 
 @dataclasses.dataclass
 class ModelEmbedder:
-    """Embeds normalised images with one model; see the module docstring. An ``evaluation.embedding.Embedder``
-    (any callable of that signature) built from a checkpoint.
+    """Embeds normalised images with one model; see the module docstring.
+
+    An ``evaluation.embedding.Embedder`` (any callable of that signature) built from a checkpoint.
     """
 
     apply_fn: Callable[[Any, jax.Array], jax.Array]

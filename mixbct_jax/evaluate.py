@@ -1,8 +1,8 @@
-"""Self/cross evaluation of a new model (and optionally the old one it must be compatible with).
+r"""Self/cross evaluation of a new model (and optionally the old one it must be compatible with).
 
     python -m mixbct_jax.evaluate --new runs/new --old runs/old --protocol ijbc --data /data/ijb --out runs/new/eval
     python -m mixbct_jax.evaluate --new runs/new --protocol bin --data /data/lfw.bin --out /tmp/eval
-    python -m mixbct_jax.evaluate --new runs/new --old runs/old \\
+    python -m mixbct_jax.evaluate --new runs/new --old runs/old \
         --protocol bin --data /data/faces_val/ --protocol retrieval --data <source spec> --out runs/new/eval
 
 Rows: with --old, old/old, new/new and new/old (new queries against the old gallery: the backward-compatibility
@@ -150,8 +150,10 @@ def run_protocol(
     num_workers: int = 8,
     bins: dict[str, tuple] | None = None,
 ) -> dict[str, dict]:
-    """One protocol of ``evaluate`` on ready embedders: ``{name: {'protocol', 'data', 'rows': {row: metrics}}}``
-    (one name per ``.bin`` file of a bin folder). ``bins`` caches decoded pair sets across calls (training).
+    """One protocol of ``evaluate`` on ready embedders.
+
+    Returns ``{name: {'protocol', 'data', 'rows': {row: metrics}}}`` (one name per ``.bin`` file of a bin
+    folder). ``bins`` caches decoded pair sets across calls (training).
     """
     out = {}
     if proto == "bin":
@@ -195,8 +197,9 @@ def run_protocol(
 # During training (mixbct_jax/train.py): the same protocols on the model being trained
 # ---------------------------------------------------------------------------------------------------------------
 class PeriodicEval:
-    """Retrieval and ``.bin`` verification of the model being trained every ``evals.every_steps``, self and
-    against the old model's gallery when ``config.old.workdir`` is set.
+    """Retrieval and ``.bin`` verification of the model being trained every ``evals.every_steps``.
+
+    Self, and against the old model's gallery when ``config.old.workdir`` is set.
 
     Uses the same code as ``python -m mixbct_jax.evaluate``; the numbers go to metrics.jsonl as
     ``eval/<query>/<gallery>/<metric>`` and ``eval/<bin name>/<query>/<gallery>/accuracy``.
@@ -244,8 +247,10 @@ def _protocols(config) -> list[tuple[str, str]]:
 
 
 def final_evals(config, workdir) -> dict[str, Any]:
-    """The finished run's ``evaluate`` over ``config.evals`` (retrieval and .bin), written to ``<workdir>/eval``;
-    ``{'evals': {protocol name: result}}``, or {} when no protocol is set (and on every process but the first).
+    """The finished run's ``evaluate`` over ``config.evals`` (retrieval and .bin), written to ``<workdir>/eval``.
+
+    Returns ``{'evals': {protocol name: result}}``, or {} when no protocol is set (and on every process but the
+    first).
     """
     import jax
 

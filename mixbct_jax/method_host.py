@@ -46,8 +46,10 @@ class MethodHost:
         return arrays
 
     def refresh(self, epoch: int, state: PyTree) -> PyTree:
-        """At an epoch boundary (and on resume): lets the method replace its consts (UniBCT's refinement) and
-        returns the device consts for the next steps.
+        """Returns the device consts for the next steps.
+
+        Called at an epoch boundary (and on resume); lets the method replace its consts first (UniBCT's
+        refinement).
         """
         if self.method.host_update is None:
             return self.device_consts

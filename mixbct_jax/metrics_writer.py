@@ -83,8 +83,10 @@ class MetricsWriter:
         return record
 
     def tensorboard_only(self, step: int, record: dict[str, Any]) -> None:
-        """Writes a record's scalars to TensorBoard alone (the final evaluation: its full results are the run's
-        ``eval/report.json``, and ``metrics.jsonl`` stays one record per logged step).
+        """Writes a record's scalars to TensorBoard alone.
+
+        Used for the final evaluation: its full results are the run's ``eval/report.json``, and ``metrics.jsonl``
+        stays one record per logged step.
         """
         if self._tb is not None:
             for tag, value in _scalars(record).items():

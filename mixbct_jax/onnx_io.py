@@ -165,8 +165,10 @@ def _identity_bn(prefix: str, bias: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _bn_entries(prefix: str, op: _Op, frozen_scale: bool) -> dict[str, np.ndarray]:
-    """A BatchNorm node's tensors; a node epsilon other than 1e-5 (and, for the head BatchNorm1d whose gamma the
-    Flax model fixes at 1, a scale other than 1) is moved into the running variance, which is exact.
+    """A BatchNorm node's tensors, with a non-default epsilon or fixed scale moved into the running variance.
+
+    A node epsilon other than 1e-5 (and, for the head BatchNorm1d whose gamma the Flax model fixes at 1, a scale
+    other than 1) is moved into the running variance, which is exact.
     """
     a = {k: np.asarray(v, np.float32).reshape(-1) for k, v in op.arrays.items()}
     eps = float(op.attrs.get("epsilon", _EPS))

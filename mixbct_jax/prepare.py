@@ -1,4 +1,6 @@
-"""Command line for the old-embedding statistics of ``mixbct_jax.data.old_stats`` (docs/methods.md)::
+"""Command line for the old-embedding statistics of ``mixbct_jax.data.old_stats`` (docs/methods.md).
+
+Usage::
 
 python -m mixbct_jax.prepare denoise     --features F.npy --labels L.npy --keep 0.9 --out credible.npy
 python -m mixbct_jax.prepare class-means --features F.npy --labels L.npy --out prototypes.npy

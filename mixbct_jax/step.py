@@ -117,8 +117,10 @@ def init_state(
 
 
 def state_specs(state: PyTree, method: Method) -> PyTree:
-    """PartitionSpecs: centres (and their optimizer slots) and the method's ``class_sharded_state`` split by rows
-    over the axis, the rest replicated.
+    """PartitionSpecs of the train state.
+
+    Centres (and their optimizer slots) and the method's ``class_sharded_state`` are split by rows over the axis,
+    the rest replicated.
     """
     specs = jax.tree_util.tree_map_with_path(lambda path, _: P(AXIS) if sharded_fc.is_centres(path) else P(), state)
     return {**specs, "method_state": method.state_specs(state["method_state"])}
@@ -253,8 +255,9 @@ def _make_body(
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TrainStep:
-    """The built step: ``step(state, batch, key, consts) -> (state, metrics)`` over ``mesh``'s devices, and what
-    it needs around it (the model, the method, the optimizer, the initial state, device placement).
+    """The built step: ``step(state, batch, key, consts) -> (state, metrics)`` over ``mesh``'s devices.
+
+    Also what it needs around it (the model, the method, the optimizer, the initial state, device placement).
 
     ``to_device``/``from_device`` convert between the canonical global-array state (what checkpoints hold) and
     the layout the step consumes: for ``shard_map`` that is the same global arrays placed with their shardings,
@@ -390,7 +393,8 @@ def build(
     Args:
       config: the run's config; ``config.data.global_batch`` rows per step.
       num_classes: C, the classes of the head.
-      steps_per_epoch, total_steps: the run's length (epochs are resolved once, by the caller).
+      steps_per_epoch: the run's steps per epoch (epochs are resolved once, by the caller).
+      total_steps: the run's length in steps.
       mesh: the devices, with the axis ``'data'``; default every device.
       model: the backbone; default ``models.build_from_config(config.model)``.
     """

@@ -1,4 +1,6 @@
-"""PyTorch <-> Flax backbone conversion: numerical parity against PyTorch models written here from the reference MixBCT code's backbones/iresnet.py/§2.3.
+"""PyTorch <-> Flax backbone conversion: numerical parity against PyTorch models written here.
+
+The models are written from the reference MixBCT code's backbones/iresnet.py/§2.3.
 
 The PyTorch models below are minimal re-statements of the insightface backbones (same module names, so the same
 state-dict keys). All weights, BatchNorm affine parameters, running statistics and PReLU slopes are random, so a
@@ -27,7 +29,8 @@ STAGES = {"r18": (2, 2, 2, 2), "r50": (3, 4, 14, 3)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PyTorch reference models (the reference MixBCT code's backbones/iresnet.py and mobilefacenet.py), insightface module names
+# PyTorch reference models (the reference MixBCT code's backbones/iresnet.py and mobilefacenet.py),
+# insightface module names
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,7 @@
-"""IJB-B/C: similarity transform, template aggregation, 1:1 and 1:N metrics, and an end-to-end run on an
-IJB-C-layout fixture, each against an independent computation written here.
+"""IJB-B/C: similarity transform, template aggregation, 1:1 and 1:N metrics, and an end-to-end run.
+
+The end-to-end run is on an IJB-C-layout fixture; each part is checked against an independent computation
+written here.
 """
 
 import math

@@ -1,5 +1,7 @@
-"""Margin functions against docs/methods.md (the margin head)'s reference values; the inter-class filter and PartialFC sampling of the
-sharded head against NumPy full-softmax references, on 1 and 4 devices.
+"""Margin functions and the sharded head against reference values.
+
+Margin functions against docs/methods.md (the margin head)'s reference values; the inter-class filter and
+PartialFC sampling of the sharded head against NumPy full-softmax references, on 1 and 4 devices.
 """
 
 import math
@@ -181,8 +183,9 @@ def test_interclass_filter_is_independent_of_the_device_count():
 
 
 def test_sampled_head_equals_softmax_over_the_kept_classes():
-    """sample_rate 0.5 on 4 devices: device d keeps max(int(0.5 * C_d), #positives) centres, and the loss is the
-    NumPy softmax over exactly the kept classes.
+    """sample_rate 0.5 on 4 devices: device d keeps max(int(0.5 * C_d), #positives) centres.
+
+    The loss is the NumPy softmax over exactly the kept classes.
     """
     num_classes = 300  # padded to 384: 96, 96, 96 and 12 real classes per device
     emb, labels, centres = random_head_inputs(num_classes, seed=1)

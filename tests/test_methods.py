@@ -43,7 +43,10 @@ def logsumexp(x, axis):
 
 
 def np_arcface(cos, labels, s=64.0, m=0.5):
-    """docs/methods.md (the margin head): target cos(theta + m), or c - sin(pi - m) m past cos(pi - m); everything x s."""
+    """docs/methods.md (the margin head): target cos(theta + m), or c - sin(pi - m) m past cos(pi - m).
+
+    Everything x s.
+    """
     out = cos.copy()
     rows = np.arange(len(labels))
     c = cos[rows, labels]
@@ -476,7 +479,10 @@ def test_advbct_gradient_reversal_sign():
     # Discriminator: a directional derivative along a random direction of its parameters, not reversed.
     rng = np.random.RandomState(0)
     direction = jax.tree.map(lambda a: rng.normal(size=a.shape), p["discriminator"])
-    shifted = lambda t: jax.tree.map(lambda a, v: a + t * v, p["discriminator"], direction)
+
+    def shifted(t):
+        return jax.tree.map(lambda a, v: a + t * v, p["discriminator"], direction)
+
     eps = 1e-5
     fd = scale * (np_adv(emb, old, shifted(eps)) - np_adv(emb, old, shifted(-eps))) / (2 * eps)
     analytic = sum(

@@ -45,8 +45,10 @@ def run_notebook(name: str, params: dict) -> tuple[nbformat.NotebookNode, float]
 
 
 def kernel_env() -> dict[str, str]:
-    """This process's environment with one CPU device: the 4 fake devices of conftest.py make every compilation
-    of the notebooks' runs slower (the multi-device paths are tested elsewhere); inline matplotlib plots.
+    """This process's environment with one CPU device and inline matplotlib plots.
+
+    The 4 fake devices of conftest.py make every compilation of the notebooks' runs slower (the multi-device paths
+    are tested elsewhere).
     """
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
@@ -240,8 +242,9 @@ def write_ijbc(root: pathlib.Path) -> pathlib.Path | None:
 
 
 def build_tfds(data_dir: pathlib.Path) -> None:
-    """A TFDS data set of synthetic 32x32 identities prepared as array_record (10 classes, 24 train and 8 test
-    images each; TFDS shuffles the examples, so labels are not grouped).
+    """A TFDS data set of synthetic 32x32 identities prepared as array_record.
+
+    10 classes, 24 train and 8 test images each; TFDS shuffles the examples, so labels are not grouped.
     """
     tfds = pytest.importorskip("tensorflow_datasets")
 

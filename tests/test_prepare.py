@@ -1,4 +1,7 @@
-"""prepare.py against loop-based re-implementations of the reference's denoise, class-means and AdvBCT-meta tools (docs/methods.md)."""
+"""prepare.py against loop-based re-implementations of the reference's denoise, class-means and AdvBCT-meta tools.
+
+The tools are described in docs/methods.md.
+"""
 
 import math
 import os

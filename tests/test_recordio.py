@@ -52,7 +52,7 @@ def test_round_trip_padding_and_idx(tmp_path):
             w.write(key, p)
     phys = _physical_records(tmp_path / "a.rec")
     assert [c for _, c, _, _ in phys] == [0] * len(payloads)
-    for (off, _, body, pad), p in zip(phys, payloads.values()):
+    for (_off, _, body, pad), p in zip(phys, payloads.values()):
         assert body == p and pad == b"\0" * ((4 - len(p) % 4) % 4)
     idx = (tmp_path / "a.idx").read_text().splitlines()
     assert idx == [f"{k}\t{off}" for k, (off, *_) in zip(payloads, phys)]

@@ -59,7 +59,10 @@ def tiny_iresnet() -> tnn.Module:
 # The reference's step on W simulated ranks
 # ---------------------------------------------------------------------------------------------------------------
 def arcface(cos, target_col, s=64.0, m=0.5):
-    """docs/methods.md (the margin head): target cosine -> cos(theta + m), or c - sin(pi - m) m past cos(pi - m); all logits x s."""
+    """docs/methods.md (the margin head): target cosine -> cos(theta + m), or c - sin(pi - m) m past cos(pi - m).
+
+    All logits x s.
+    """
     rows = torch.nonzero(target_col >= 0).flatten()
     out = cos.clone()
     c = cos[rows, target_col[rows]]
@@ -290,9 +293,10 @@ def class_prototypes(seed=1):
 
 
 def zero_gradient(key):
-    """Biases whose output goes straight into a train-mode BatchNorm, which removes any per-channel constant: a
-    block's ``bn3`` and shortcut BN biases (the sum feeds the next block's ``bn1`` or the head's ``bn2``) and the
-    head's ``bn2`` bias (flatten -> fc -> BN1d). Their gradient is exactly zero; both sides hold rounding noise
+    """Biases whose output goes straight into a train-mode BatchNorm, which removes any per-channel constant.
+
+    They are a block's ``bn3`` and shortcut BN biases (the sum feeds the next block's ``bn1`` or the head's ``bn2``) and
+    the head's ``bn2`` bias (flatten -> fc -> BN1d). Their gradient is exactly zero; both sides hold rounding noise
     (~1e-9) there, so they are checked to stay at zero instead of relatively.
     """
     return key.endswith(("bn3.bias", "downsample.1.bias")) or key == "bn2.bias"

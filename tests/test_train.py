@@ -178,8 +178,10 @@ def test_finished_run_is_not_retrained(straight_run, capsys):
 
 
 def test_resuming_with_another_data_order_is_refused(straight_run, tmp_path, monkeypatch):
-    """The checkpoint's input state (checkpoints/<step>/data) must match what the run resumes with: a changed seed
-    is refused by the config guard first; a changed data set behind the same spec by the input state.
+    """The checkpoint's input state (checkpoints/<step>/data) must match what the run resumes with.
+
+    A changed seed is refused by the config guard first; a changed data set behind the same spec by the input
+    state.
     """
     assert json.loads((straight_run / "checkpoints" / "6" / "data" / "metadata").read_text())["step"] == 6
     with pytest.raises(ValueError, match=r"another config \(seed: 0 -> 1\).*resume_allow=seed"):

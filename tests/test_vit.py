@@ -1,8 +1,10 @@
-"""ViT backbones (the reference MixBCT code's backbones/vit.py): parameter counts, PyTorch parity both ways, train-only randomness, and a tiny ViT
-through train -> extract -> evaluate.
+"""ViT backbones (the reference MixBCT code's backbones/vit.py).
 
-``TorchViT`` below re-states insightface's ``backbones/vit.py`` from the reference MixBCT code's backbones/vit.py with its module names, so its
-state-dict keys (and their order) are the ones a real insightface ViT checkpoint has.
+Parameter counts, PyTorch parity both ways, train-only randomness, and a tiny ViT through train -> extract ->
+evaluate.
+
+``TorchViT`` below re-states insightface's ``backbones/vit.py`` from the reference MixBCT code's backbones/vit.py
+with its module names, so its state-dict keys (and their order) are the ones a real insightface ViT checkpoint has.
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ TORCH_DIMS = {"vit_t": (256, 12, 8), "vit_s": (512, 12, 8), "vit_b": (512, 24, 8
 
 
 def randomize(model: TorchViT, seed: int, input_size: int, calib: int = 8) -> TorchViT:
-    """Random weights everywhere (LayerNorm and BN affine too); BN running statistics from a calibration batch,
-    so every layer sees O(1) inputs and the 1e-4 bound means something.
+    """Random weights everywhere (LayerNorm and BN affine too); BN running statistics from a calibration batch.
+
+    So every layer sees O(1) inputs and the 1e-4 bound means something.
     """
     g = torch.Generator().manual_seed(seed)
 

@@ -1,4 +1,6 @@
-"""AdvBCT: adversarial alignment of new to old embeddings plus an elastic class-boundary loss (docs/methods.md (AdvBCT)).
+"""AdvBCT: adversarial alignment of new to old embeddings plus an elastic class-boundary loss.
+
+Described in docs/methods.md (AdvBCT).
 
 Two terms are added to the classification loss:
 
@@ -16,10 +18,10 @@ Two terms are added to the classification loss:
   a learnable per-class vector (init U(-1, 1)). New embeddings outside their class's boundary are pulled in:
   ``L_p2s = advbct_p2s_weight * sum_j t_j / #{t_j > 0}``, ``t_j = max(||n(e_j) - centre_y|| - R, 0)``.
 
-The reference does not run as committed (docs/deviations.md §8.12); this implements its intended semantics. Where it would
-normalise per GPU, the losses here are global-batch quantities: the NLLs are means over the global batch and
-``L_p2s`` divides by the global count of positive terms. The discriminator runs only in train mode, so no
-running statistics are kept.
+The reference does not run as committed (docs/deviations.md §8.12); this implements its intended semantics. Where it
+would normalise per GPU, the losses here are global-batch quantities: the NLLs are means over the global batch and
+``L_p2s`` divides by the global count of positive terms. The discriminator runs only in train mode, so no running
+statistics are kept.
 
 References:
   Pan et al., "Boundary-Aware Backward-Compatible Representation via Adversarial Learning in Image Retrieval",
@@ -51,8 +53,10 @@ _META_TABLES = {
 
 
 def load_meta(path: str) -> dict[str, np.ndarray]:
-    """The class meta ``.npz`` of ``prepare advbct-meta`` -> ``{'advbct_center' [C, D], 'advbct_radius_max' [C],
-    'advbct_num_kept' [C]}`` (the batch keys they are fed under).
+    """Loads the class meta ``.npz`` of ``prepare advbct-meta``.
+
+    Returns ``{'advbct_center' [C, D], 'advbct_radius_max' [C], 'advbct_num_kept' [C]}`` (the batch keys they are
+    fed under).
     """
     hint = f"write it with `{_META}`"
     if not os.path.isfile(path):

@@ -193,8 +193,9 @@ class Method:
         return bool(self.per_example or self.class_files)
 
     def state_specs(self, state: PyTree) -> PyTree:
-        """PartitionSpecs of the method state: ``class_sharded_state`` split by rows over ``AXIS``, the rest
-        replicated.
+        """PartitionSpecs of the method state.
+
+        ``class_sharded_state`` is split by rows over ``AXIS``, the rest replicated.
         """
         return {
             k: jax.tree.map(lambda _, s=P(AXIS) if k in self.class_sharded_state else P(): s, v)

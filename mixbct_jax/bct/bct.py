@@ -1,16 +1,16 @@
 """BCT: the influence loss against a frozen, synthesised old classifier (docs/methods.md (BCT)).
 
 The old classifier is the row-L2-normalised class means of the old embeddings of the new training set
-(``python -m mixbct_jax.prepare class-means``, ``config.old.prototypes``; ``ctx.consts['prototypes']``). The new embedding is normalised and
-scored against every prototype with **no scale and no margin**, and a softmax cross-entropy over all C classes
-pulls it toward its own class's old prototype:
+(``python -m mixbct_jax.prepare class-means``, ``config.old.prototypes``; ``ctx.consts['prototypes']``). The new
+embedding is normalised and scored against every prototype with **no scale and no margin**, and a softmax cross-entropy
+over all C classes pulls it toward its own class's old prototype:
 
 ``L_BCT = mean_i CE(n(e_i) . P^T, y_i)`` over the global batch, added with weight ``config.bct.influence_weight``.
 
-As in the reference, the synthesised prototypes serve every class, also those the old model was trained on (the
-old model's own classifier is never used), and the unscaled cosines keep the loss near ``log C`` with a weak
-gradient (docs/deviations.md §8.18). The prototypes are row-sharded over the devices like the class centres, so the softmax
-over C uses the head's distributed cross-entropy (``heads/prototypes.py``).
+As in the reference, the synthesised prototypes serve every class, also those the old model was trained on (the old
+model's own classifier is never used), and the unscaled cosines keep the loss near ``log C`` with a weak gradient
+(docs/deviations.md §8.18). The prototypes are row-sharded over the devices like the class centres, so the softmax over
+C uses the head's distributed cross-entropy (``heads/prototypes.py``).
 
 References:
   Shen et al., "Towards Backward-Compatible Representation Learning", CVPR 2020.

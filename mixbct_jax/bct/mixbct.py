@@ -1,10 +1,12 @@
-"""MixBCT: mix stored old embeddings into the new batch before one shared margin-softmax head (docs/methods.md (MixBCT)).
+"""MixBCT: mix stored old embeddings into the new batch before one shared margin-softmax head.
 
-On every device, exactly ``k = int(b * mix_ratio)`` rows of the local batch, chosen uniformly among the rows
-whose old embedding is credible (denoised, docs/methods.md (MixBCT)), are replaced by the old embedding of the same image. The
-replaced rows carry no gradient into the backbone, but they did take part in the forward BatchNorm statistics,
-as in the reference. The classifier is then trained on the mixture, so one set of class centres must classify
-both old and new features.
+Described in docs/methods.md (MixBCT).
+
+On every device, exactly ``k = int(b * mix_ratio)`` rows of the local batch, chosen uniformly among the rows whose old
+embedding is credible (denoised, docs/methods.md (MixBCT)), are replaced by the old embedding of the same image. The
+replaced rows carry no gradient into the backbone, but they did take part in the forward BatchNorm statistics, as in the
+reference. The classifier is then trained on the mixture, so one set of class centres must classify both old and new
+features.
 
 Where a device holds fewer than ``k`` credible rows, all of them are replaced (the reference raises ValueError);
 ``mix/short_devices`` counts such devices.

@@ -27,9 +27,9 @@ Reference quirks, each a switch in ``config.bct`` whose default is what the pape
 * ``nccl_count_empty_slots`` (reference True): the zero-initialised slots enter the softmax denominators until the
   queue is full.
 
-The logit queue is ``Q x C`` (3 GB for Q=8192, C=93431), so it is stored class-major, ``[C_padded, Q]``, under the
-state key ``'class_rows'``, declared ``class_sharded_state``, so the step shards it by rows like the centres; each device writes and reads only its
-classes, and the logit similarities are summed over devices.
+The logit queue is ``Q x C`` (3 GB for Q=8192, C=93431), so it is stored class-major, ``[C_padded, Q]``, under the state
+key ``'class_rows'``, declared ``class_sharded_state``, so the step shards it by rows like the centres; each device
+writes and reads only its classes, and the logit similarities are summed over devices.
 
 References:
   Wu et al., "Neighborhood Consensus Contrastive Learning for Backward-Compatible Representation", AAAI 2022.
@@ -131,7 +131,9 @@ def enqueue(state: dict, feats: jax.Array, labels: jax.Array, logits: jax.Array)
 
     Args:
       state: the queue state.
-      feats: [N, D] normalised old embeddings; labels: [N]; logits: [N, C_local] this device's logit columns.
+      feats: [N, D] normalised old embeddings.
+      labels: [N].
+      logits: [N, C_local] this device's logit columns.
 
     Returns:
       The new state, pointer advanced by N modulo Q.

@@ -1,8 +1,10 @@
-"""UniBCT: BCT's influence loss with prototypes refined by graph propagation over the new features (docs/methods.md (UniBCT)).
+"""UniBCT: BCT's influence loss with prototypes refined by graph propagation over the new features.
 
-Training: the BCT influence loss (``mixbct_jax.heads.prototypes``, as ``mixbct_jax.bct.bct``) with weight 0 before ``config.bct.unibct_start_epoch``
-(10) and ``config.bct.influence_weight`` from then on; the learning rate follows the reference's StepLR
-(``config.optim.schedule = 'step'``, decay epochs 20/26/32).
+Described in docs/methods.md (UniBCT).
+
+Training: the BCT influence loss (``mixbct_jax.heads.prototypes``, as ``mixbct_jax.bct.bct``) with weight 0 before
+``config.bct.unibct_start_epoch`` (10) and ``config.bct.influence_weight`` from then on; the learning rate follows the
+reference's StepLR (``config.optim.schedule = 'step'``, decay epochs 20/26/32).
 
 Refinement (``host_update``), at the start of each epoch in ``config.bct.unibct_refine_epochs`` (10 and 20): for
 each class c with n_c examples, old embeddings ``V_old^c`` and current new embeddings ``V_new^c``,
@@ -13,12 +15,12 @@ each class c with n_c examples, old embeddings ``V_old^c`` and current new embed
 so each old embedding is replaced by a propagation of its class's old embeddings over the new model's affinity
 graph, and the prototype is their mean.
 
-The reference normalises A over columns (``softmax_axis=0``), which makes ``M`` column-stochastic and ``P_c``
-exactly the plain class mean of the raw old embeddings, whatever the new features are (docs/deviations.md §8.10). Our default,
+The reference normalises A over columns (``softmax_axis=0``), which makes ``M`` column-stochastic and ``P_c`` exactly
+the plain class mean of the raw old embeddings, whatever the new features are (docs/deviations.md §8.10). Our default,
 ``config.bct.unibct_affinity = 'row'``, normalises each row (each example's affinities sum to 1, a random-walk
-transition as in the paper), computed on cosines of the new features; ``'column'`` reproduces the reference and
-needs no pass of the new model. The refined prototypes are saved in ``<workdir>/unibct/`` so that a resumed run
-uses the same table.
+transition as in the paper), computed on cosines of the new features; ``'column'`` reproduces the reference and needs no
+pass of the new model. The refined prototypes are saved in ``<workdir>/unibct/`` so that a resumed run uses the same
+table.
 
 References:
   Zhang et al., "Towards Universal Backward-Compatible Representation Learning", IJCAI 2022.
@@ -219,7 +221,8 @@ def host_update(
     if latest < epoch:
         warnings.warn(
             f"UniBCT: {path} is missing; refining the prototypes of epoch {latest} again with the "
-            f"current model at epoch {epoch}"
+            f"current model at epoch {epoch}",
+            stacklevel=2,
         )
     labels = np.asarray(subset.labels).astype(np.int64)
     num_classes = config.model.num_classes if config.model.num_classes > 0 else subset.num_classes

@@ -44,8 +44,9 @@ def _chunks(num_rows: int, chunk_rows: int, label: str, verbose: bool) -> Iterat
 
 
 def default_threads() -> int:
-    """Worker threads of the streaming passes: the cores this process may use, at most 4 (the passes then wait
-    on memory).
+    """Worker threads of the streaming passes: the cores this process may use, at most 4.
+
+    Beyond 4 the passes wait on memory.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cpus))
@@ -190,8 +191,10 @@ def _row_norms(
     num_classes: int = 0,
     threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """One pass: row divisors max(||x||, eps) [N] and, optionally, column sums of squares [D] and per-class sums
-    [C, D] (``class_ids`` given) of the row-normalised features (float64).
+    """One pass: row divisors max(||x||, eps) [N] and, optionally, column and per-class sums.
+
+    The optional sums are column sums of squares [D] and per-class sums [C, D] (``class_ids`` given) of the
+    row-normalised features (float64).
 
     The class sums ride along on this pass instead of a pass of their own: the features are read and converted
     once less, which is most of the cost of the tools at scale.

@@ -1,12 +1,12 @@
 """The input pipeline on Grain: deterministic, resumable global batches of decoded uint8 images, no TensorFlow.
 
-Order (docs/data.md (data order), as a global permutation instead of the reference's per-rank strided sampler): epoch ``e`` is
-the permutation ``np.random.default_rng([seed, e]).permutation(n)`` of the subset, cut into global batches of
+Order (docs/data.md (data order), as a global permutation instead of the reference's per-rank strided sampler): epoch
+``e`` is the permutation ``np.random.default_rng([seed, e]).permutation(n)`` of the subset, cut into global batches of
 ``global_batch`` with the remainder dropped; step ``s`` is batch ``s % steps_per_epoch`` of epoch
 ``s // steps_per_epoch``. The order is a pure function of ``(seed, step)``, so starting at ``start_step`` resumes
-exactly, skipping at the index level without decoding; the state a checkpoint needs is :func:`data_state`.
-Process ``p`` of ``P`` yields the contiguous slice ``[p·B/P, (p+1)·B/P)`` of every global batch. The horizontal
-flip (p = 0.5, docs/data.md (augmentation)) is a hash of ``(seed, epoch, subset index)``, so it is reproducible as well.
+exactly, skipping at the index level without decoding; the state a checkpoint needs is :func:`data_state`. Process ``p``
+of ``P`` yields the contiguous slice ``[p·B/P, (p+1)·B/P)`` of every global batch. The horizontal flip (p = 0.5,
+docs/data.md (augmentation)) is a hash of ``(seed, epoch, subset index)``, so it is reproducible as well.
 
 How batches are produced: a ``grain.MapDataset`` over step numbers maps each step to its whole local batch
 (:class:`_BatchReader`: plan the indices, read the encoded bytes, decode with :func:`sources.decode_rgb`, flip).
@@ -82,8 +82,10 @@ def default_workers(cpus: int | None = None) -> int:
 
 
 def _workers(threads: int | None, reader: _BatchReader) -> int:
-    """Worker processes for ``threads``: as given when >= 0; automatic (None or < 0): :func:`default_workers` when
-    there are images to decode, 0 for in-memory sources (synthetic, npz), whose reads are a cheap array gather.
+    """Worker processes for ``threads``: as given when >= 0, else automatic.
+
+    Automatic (None or < 0): :func:`default_workers` when there are images to decode, 0 for in-memory sources
+    (synthetic, npz), whose reads are a cheap array gather.
     """
     if threads is None or threads < 0:
         return default_workers() if reader.encoded else 0
@@ -402,10 +404,12 @@ _CONFIG_FIELDS = {"seed": "seed", "data.global_batch": "global_batch", "data.fli
 
 
 def check_resume(saved: dict[str, Any] | None, expected: dict[str, Any], *, allowed: Any = ()) -> None:
-    """Raises a clear error when a checkpoint's input state does not match this run's (same fields as
-    :func:`data_state`); ``saved`` None (a checkpoint written before the state was stored) passes.
+    """Raises a clear error when a checkpoint's input state does not match this run's.
 
     Args:
+      saved: the checkpoint's input state (same fields as :func:`data_state`); None (a checkpoint written before
+        the state was stored) passes.
+      expected: this run's input state (:func:`data_state`).
       allowed: config fields the resume changes on purpose (``guard.check_resume``'s result); the state fields
         they set are not compared.
     """

@@ -1,4 +1,6 @@
-"""Reader and writer of MXNet/insightface RecordIO files (``.rec`` + ``.idx``) without MXNet (docs/data.md (insightface .rec/.idx)-1.2).
+r"""Reader and writer of MXNet/insightface RecordIO files (``.rec`` + ``.idx``) without MXNet.
+
+Described in docs/data.md (insightface .rec/.idx)-1.2.
 
 Byte format (little-endian). A ``.rec`` file is a sequence of physical records::
 
@@ -8,7 +10,7 @@ Byte format (little-endian). A ``.rec`` file is a sequence of physical records::
 
 A logical record whose 4-aligned payload contains the magic word is stored as parts 1, (2...), 3 with every
 aligned magic word cut out; the reader joins the parts and puts the magic word back between them. The ``.idx``
-file holds one ``"<key>\\t<offset>\\n"`` line per logical record.
+file holds one ``"<key>\t<offset>\n"`` line per logical record.
 
 A logical payload is an ``IRHeader`` (struct ``'IfQQ'``: flag, label, id, id2; 24 bytes), then ``flag`` float32
 label values when ``flag > 0``, then the encoded image.

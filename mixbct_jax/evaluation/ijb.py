@@ -557,8 +557,10 @@ def identification_metrics(
     Rank-k hit: fewer than k other gallery rows score >= the target (ties count against the probe).
 
     Args:
-      probe_feats: float [Np,D] normalised. probe_ids: int [Np] subject ids.
-      gallery_feats: float [Ng,D] normalised. gallery_ids: int [Ng] subject ids.
+      probe_feats: float [Np,D] normalised.
+      probe_ids: int [Np] subject ids.
+      gallery_feats: float [Ng,D] normalised.
+      gallery_ids: int [Ng] subject ids.
       fpirs: FPIR values reported in `tpir`/`thresholds` (keyed by far_label).
       curve_fpirs: FPIR values of `tpir_curve` (default: the reference's 101-point grid).
       far_index: threshold index rule, 'reference' (int) or 'ceil'.

@@ -127,8 +127,9 @@ def _save(fig, path: str) -> None:
 
 
 def short_name(name: str, limit: int = 40) -> str:
-    """A plot title's name for a protocol entry: ``retrieval:synthetic:num_classes=48,...`` -> ``retrieval
-    synthetic``, ``bin:/data/lfw.bin`` -> ``bin lfw.bin``; the full spec stays in report.md.
+    """A plot title's name for a protocol entry; the full spec stays in report.md.
+
+    ``retrieval:synthetic:num_classes=48,...`` -> ``retrieval synthetic``, ``bin:/data/lfw.bin`` -> ``bin lfw.bin``.
     """
     kind, _, data = name.partition(":")
     head = data.split(",")[0]

@@ -35,8 +35,10 @@ class LabelledImages(Protocol):
 
 
 def split_query_gallery(labels: np.ndarray, *, gallery_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic per-class split: the first ceil(fraction * n_c) images of class c (in index order) form
-    the gallery and the remaining ones are queries.
+    """Deterministic per-class split into gallery and queries.
+
+    The first ceil(fraction * n_c) images of class c (in index order) form the gallery and the remaining ones are
+    queries.
 
     Every class therefore has at least one gallery image; a class with one image contributes only a gallery
     item (a distractor for the other queries) and no query.
@@ -62,8 +64,10 @@ def split_query_gallery(labels: np.ndarray, *, gallery_fraction: float = 0.5) ->
 
 
 def _row_keys(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """uint64 keys that sort like (row, value) for float32 values, so one global `searchsorted` can answer
-    per-row queries for many rows at once (exact, unlike adding a float offset per row).
+    """uint64 keys that sort like (row, value) for float32 values.
+
+    One global `searchsorted` can then answer per-row queries for many rows at once (exact, unlike adding a float
+    offset per row).
 
     `rows` broadcasts against `values`.
     """
@@ -93,6 +97,7 @@ def retrieval_metrics(
       gallery_labels: int [G].
       topk: k values for top-k accuracy (a hit: fewer than k non-relevant items score >= the best relevant).
       memory_mb: rough budget for the per-chunk [chunk, G] work arrays.
+      desc: the label of the progress lines (``progress.Progress``).
 
     Returns:
       dict with `top{k}`, `mAP` (mean over kept queries of average precision), `num_queries` (kept),

@@ -1,4 +1,6 @@
-"""Class centres sharded over the device axis, with a distributed margin-softmax cross-entropy (docs/methods.md (the margin head)).
+"""Class centres sharded over the device axis, with a distributed margin-softmax cross-entropy.
+
+Described in docs/methods.md (the margin head).
 
 These functions run inside the per-device program (``shard_map`` or ``pmap``) with a named axis. Device ``d``
 holds rows ``[d * C_local, (d + 1) * C_local)`` of the (zero-padded) centre matrix. The embeddings of the whole
@@ -41,8 +43,10 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 def is_centres(path) -> bool:
-    """Whether a leaf's tree path (``jax.tree_util`` keys) lies under a ``'centres'`` key: the sharded class centres
-    and their optimizer slots, split by rows over the device axis rather than replicated.
+    """Whether a leaf's tree path (``jax.tree_util`` keys) lies under a ``'centres'`` key.
+
+    Those leaves are the sharded class centres and their optimizer slots, split by rows over the device axis
+    rather than replicated.
     """
     return any(getattr(k, "key", None) == "centres" for k in path)
 

@@ -1,4 +1,6 @@
-"""IResNet (insightface's face-recognition ResNet) in Flax linen, exactly as the reference MixBCT code's backbones/iresnet.py.
+"""IResNet (insightface's face-recognition ResNet) in Flax linen.
+
+Exactly as the reference MixBCT code's backbones/iresnet.py.
 
 NHWC layout. Block: BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus shortcut, with no activation
 after the addition; the stride sits on the second conv. Head: BN2d -> flatten -> Linear(bias) -> BN1d whose
@@ -110,7 +112,8 @@ class IResNet(nn.Module):
             bias_init=torch_linear_uniform(fan_in),
             name="fc",
         )(x)
-        # BatchNorm1d with gamma frozen at 1 (the reference MixBCT code's backbones/iresnet.py): no scale parameter at all.
+        # BatchNorm1d with gamma frozen at 1 (the reference MixBCT code's backbones/iresnet.py):
+        # no scale parameter at all.
         x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32, name="features")(
             x.astype(jnp.float32)
         )

@@ -15,7 +15,10 @@ BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
 def conv_normal_init(std: float = 0.1):
-    """IResNet initialises every conv weight with N(0, std^2) (std 0.1, the reference MixBCT code's backbones/iresnet.py)."""
+    """IResNet initialises every conv weight with N(0, std^2).
+
+    std 0.1, as the reference MixBCT code's backbones/iresnet.py.
+    """
     return nn.initializers.normal(stddev=std)
 
 

@@ -1,4 +1,6 @@
-"""MobileFaceNet (insightface ``mbf`` / ``mbf_large``) in Flax linen, as the reference MixBCT code's backbones/mobilefacenet.py.
+"""MobileFaceNet (insightface ``mbf`` / ``mbf_large``) in Flax linen.
+
+As the reference MixBCT code's backbones/mobilefacenet.py.
 
 Init: kaiming-normal (fan_out, ReLU gain) for conv and linear weights, BN 1/0. The final Linear has no bias and
 is followed by BatchNorm1d (affine). The GDC kernel equals the last feature map (input_size / 16).

@@ -33,7 +33,8 @@ from mixbct_jax.aliases import Dtype
 from mixbct_jax.initializers import torch_linear_uniform
 from mixbct_jax.models.layers import BatchNorm
 
-# Every nn.Linear and the position embedding: truncated normal, std 0.02 (the reference MixBCT code's backbones/vit.py); biases 0.
+# Every nn.Linear and the position embedding: truncated normal, std 0.02
+# (the reference MixBCT code's backbones/vit.py); biases 0.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 # PyTorch's LayerNorm default epsilon (flax's default is 1e-6).
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=jnp.float32)
@@ -213,7 +214,8 @@ class VisionTransformer(nn.Module):
         return bn(name="features")(x)  # [B, D] float32, not normalised
 
 
-# The registered variants (the reference MixBCT code's backbones/vit.py): (embed_dim, depth, heads, drop_path, mask_ratio, remat by default).
+# The registered variants (the reference MixBCT code's backbones/vit.py):
+# (embed_dim, depth, heads, drop_path, mask_ratio, remat by default).
 VARIANTS: dict[str, tuple[int, int, int, float, float, bool]] = {
     "vit_t": (256, 12, 8, 0.1, 0.1, False),
     "vit_t_dp005_mask0": (256, 12, 8, 0.05, 0.0, False),
