@@ -1,6 +1,8 @@
-"""Fidelity study: does MixBCT do what the paper claims, in runs this machine can make? (docs/fidelity.md)
+"""Fidelity study: does MixBCT do what the paper claims, in runs this machine can make?
 
-  python benchmarks/fidelity.py run    --out runs/fidelity [--scale cpu|gpu] [--tracks a,b] [--only PATTERN]
+Described in docs/fidelity.md.
+
+  python benchmarks/fidelity.py run    --out runs/fidelity [--scale cpu|cpu-long|gpu] [--tracks a,b] [--only PATTERN]
   python benchmarks/fidelity.py report --out runs/fidelity [--publish benchmarks/results]
   python benchmarks/fidelity.py plan   --out runs/fidelity          # the stage list, nothing run
 
@@ -251,8 +253,10 @@ def grid(scale: str) -> tuple[dict[str, OldModel], dict[str, Track]]:
 
 
 def runs_of(track: Track) -> list[tuple[int, Run]]:
-    """(priority, run): main methods at the first seed (0), at the second (1), later seeds (1.5 and on), side methods
-    (2), knobs (3); so when time is short every track gets its second seed before any gets its third.
+    """The runs of ``track`` as (priority, run), most important first.
+
+    Main methods at the first seed (0), at the second (1), later seeds (1.5 and on), side methods (2), knobs (3);
+    so when time is short every track gets its second seed before any gets its third.
     """
     first = track.seeds[0]
     out = [
