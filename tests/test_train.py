@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixbct_jax import checkpoint, train
+from mixbct_jax import checkpoint, embed, evaluate, train
 from mixbct_jax import config as config_lib
 from mixbct_jax import step as step_lib
 from mixbct_jax.data import recordio
@@ -238,16 +238,27 @@ def write_bin(path, faces: SyntheticFaces, num_pairs: int = 20) -> None:
 def test_periodic_evaluation_is_logged(tmp_path):
     write_bin(tmp_path / "pairs.bin", SyntheticFaces(num_classes=5, image_size=32, seed=4))
     config = quick(4)
+    retrieval = "synthetic:num_classes=6,min_images=4,max_images=6,image_size=32,seed=9"
     with config.unlocked():
         config.evals.every_steps = 2
-        config.evals.retrieval = "synthetic:num_classes=6,min_images=4,max_images=6,image_size=32,seed=9"
+        config.evals.retrieval = retrieval
         config.evals.bin = str(tmp_path / "pairs.bin")
+        config.checkpoint.every_steps = 2  # keeps the step-2 model, to evaluate it on its own below
     train.train_and_evaluate(config, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/new/new/mAP" in r]
     assert [r["step"] for r in evals] == [2]  # the final step is evaluated by the final report instead
-    assert 0 <= evals[0]["eval/new/new/top1"] <= 1
-    assert 0.0 <= evals[0]["eval/pairs/new/new/accuracy"] <= 1.0
+    # The numbers logged during training are those of `python -m mixbct_jax.evaluate` on the step-2 checkpoint.
+    expected = evaluate.evaluate(
+        embed.load_embedder(tmp_path / "run", step=2),
+        protocols=[("retrieval", retrieval), ("bin", str(tmp_path / "pairs.bin"))],
+        batch_size=config.evals.batch_size,
+    )["protocols"]
+    rows = expected[f"retrieval:{retrieval}"]["rows"]["new/new"]
+    for metric in ("top1", "top5", "mAP"):
+        np.testing.assert_allclose(evals[0][f"eval/new/new/{metric}"], rows[metric], rtol=1e-6)
+    bin_rows = next(v for k, v in expected.items() if k.startswith("bin:"))["rows"]["new/new"]
+    np.testing.assert_allclose(evals[0]["eval/pairs/new/new/accuracy"], bin_rows["accuracy"], rtol=1e-6)
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert "new/new" in next(iter(report["protocols"].values()))["rows"]
 
