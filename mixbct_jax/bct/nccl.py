@@ -109,14 +109,7 @@ def class_logits(
     local = labels - jax.lax.axis_index(axis_name) * rows
     target_col = jnp.where((local >= 0) & (local < rows), local, -1)  # [N]
     cosine = jnp.clip(jnp.dot(l2_normalize(embeddings), l2_normalize(centres).T), -1.0, 1.0)  # [N, C_local]
-    logits = margin.apply(
-        head.type,
-        cosine,
-        target_col,
-        scale=head.scale,
-        margins=tuple(head.margins),
-        interclass_filtering_threshold=head.get("interclass_filtering_threshold", 0.0),
-    )
+    logits = margin.apply_head(head, cosine, target_col)
     if clamp:
         logits = jnp.clip(logits, -1.0, 1.0)
     logits = jnp.where(jnp.any(centres != 0, axis=1)[None, :], logits, 0.0)  # padded classes contribute nothing

@@ -96,3 +96,15 @@ def apply(
             interclass_filtering_threshold=interclass_filtering_threshold,
         )
     raise ValueError(f"config.head.type={kind!r} is not a margin head; choose arcface, cosface, combined or softmax")
+
+
+def apply_head(head, cosine: jax.Array, target_col: jax.Array) -> jax.Array:
+    """``apply`` with the margin, scale and filter of ``config.head`` (the sharded head and NCCL's logits)."""
+    return apply(
+        head.type,
+        cosine,
+        target_col,
+        scale=head.scale,
+        margins=tuple(head.margins),
+        interclass_filtering_threshold=head.get("interclass_filtering_threshold", 0.0),
+    )

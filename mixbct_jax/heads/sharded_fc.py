@@ -234,14 +234,7 @@ def margin_softmax_loss(
         preferred_element_type=jnp.float32,
     )
     cosine = jnp.clip(cosine, -1.0, 1.0)  # [N, C_local]
-    logits = margin.apply(
-        head.type,
-        cosine,
-        target_col,
-        scale=head.scale,
-        margins=tuple(head.margins),
-        interclass_filtering_threshold=head.get("interclass_filtering_threshold", 0.0),
-    )
+    logits = margin.apply_head(head, cosine, target_col)
     logits = jnp.where(valid_col[None, :], logits, -jnp.inf)
     loss = distributed_cross_entropy(logits, target_col, axis_name)
     return loss, {"gathered_embeddings": all_emb, "gathered_labels": all_labels}
