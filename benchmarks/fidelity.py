@@ -1022,7 +1022,7 @@ def main(argv=None) -> None:
         return print_plan(out, scale=a.scale, track_names=a.tracks, only=a.only)
     if a.command == "report":
         if not (out / "study.json").exists():
-            sys.exit(f"{out} holds no study (no study.json): run `fidelity.py run --out {out}` first, or pass its")
+            sys.exit(f"{out} holds no study.json: run `fidelity.py run --out {out}` first, or pass a study's --out")
         return report(out, publish=pathlib.Path(a.publish) if a.publish else None)
     if not pathlib.Path(a.data).exists():
         sys.exit(f"{a.data} not found: Omniglot lies in ../shared/data/omniglot beside the checkout (--data)")
