@@ -100,13 +100,31 @@ def test_verification_metrics_reference_rule():
     assert res["tar_at_far"]["1e-01"] > 0.5
 
 
+@pytest.mark.parametrize("block_rows", [7, None])  # several tiles; the whole grid in one tile
 @pytest.mark.parametrize("method", ["gather", "blocks", "auto"])
-def test_pair_scores_chunked(method):
+def test_pair_scores_chunked(method, block_rows):
     rng = np.random.default_rng(3)
     f1, f2 = rng.standard_normal((50, 8)), rng.standard_normal((40, 8))
     r1, r2 = rng.integers(0, 50, 1000), rng.integers(0, 40, 1000)
-    out = ijb.pair_scores(f1, f2, r1, r2, method=method, chunk_size=77, block_rows=7)
+    out = ijb.pair_scores(f1, f2, r1, r2, method=method, chunk_size=77, block_rows=block_rows)
     np.testing.assert_allclose(out, [f1[a] @ f2[b] for a, b in zip(r1, r2)], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_rows", [5, None])
+def test_pair_scores_bipartite_layout(block_rows):
+    """IJB-C's layout: the first column uses only some templates and the second the others, with ids
+    interleaved; blocks score only that grid and must give the same scores in pair order."""
+    rng = np.random.default_rng(4)
+    feats = rng.standard_normal((60, 16)).astype(np.float32)
+    perm = rng.permutation(60)
+    enroll, verif = np.sort(perm[:12]), perm[12:]
+    r1, r2 = enroll[rng.integers(0, 12, 3000)], verif[rng.integers(0, 48, 3000)]
+    r2[:5] = verif[0]  # a verification template used by a few pairs only
+    blocks = ijb.pair_scores(feats, feats, r1, r2, method="blocks", block_rows=block_rows)
+    gather = ijb.pair_scores(feats, feats, r1, r2, method="gather")
+    np.testing.assert_allclose(blocks, np.einsum("ij,ij->i", feats[r1], feats[r2]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(blocks, gather, rtol=1e-5, atol=1e-6)
+    assert ijb.pair_scores(feats, feats, r1[:0], r2[:0]).shape == (0,)
 
 
 # ------------------------------------------------------------------------------------------------ 1:N
