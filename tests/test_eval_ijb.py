@@ -112,8 +112,10 @@ def test_pair_scores_chunked(method, block_rows):
 
 @pytest.mark.parametrize("block_rows", [5, None])
 def test_pair_scores_bipartite_layout(block_rows):
-    """IJB-C's layout: the first column uses only some templates and the second the others, with ids
-    interleaved; blocks score only that grid and must give the same scores in pair order."""
+    """IJB-C's layout: the first column uses some templates and the second the others, ids interleaved.
+
+    Blocks score only that grid and must give the same scores in pair order.
+    """
     rng = np.random.default_rng(4)
     feats = rng.standard_normal((60, 16)).astype(np.float32)
     perm = rng.permutation(60)

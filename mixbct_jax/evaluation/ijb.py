@@ -31,9 +31,10 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from sklearn.metrics import auc, roc_curve
+from sklearn.metrics import auc
 
 from mixbct_jax.evaluation.embedding import Embedder, Scale, embed_with_flip, image_size_of
+from mixbct_jax.evaluation.roc import roc_points
 from mixbct_jax.progress import Progress
 
 # Landmark template of the standard 112x112 ArcFace crop: eyes, nose tip, mouth corners (x, y).
@@ -543,13 +544,12 @@ def verification_metrics(
 ) -> dict:
     """TAR at the FARs nearest to `fars` and ROC AUC, with the reference's selection rule.
 
-    roc_curve (drop_intermediate=True), arrays reversed, tpr at argmin |fpr - far| (so ties go to the larger
-    tpr). Also returns a step-interpolated ROC on a log-spaced FPR grid for plotting.
+    roc_curve (drop_intermediate=True; here `roc.roc_points`, the same points without the argsort), arrays
+    reversed, tpr at argmin |fpr - far| (so ties go to the larger tpr). Also returns a step-interpolated ROC on
+    a log-spaced FPR grid for plotting.
     """
     labels = np.asarray(labels)
-    if labels.min() == labels.max():
-        raise ValueError("verification needs both genuine (1) and impostor (0) pairs")
-    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr = roc_points(scores, labels)
     roc_auc = float(auc(fpr, tpr))
     fpr_r, tpr_r = fpr[::-1], tpr[::-1]
     tar = {far_label(x): float(tpr_r[np.argmin(np.abs(fpr_r - x))]) for x in fars}
