@@ -4,9 +4,8 @@
 
 1:1: 15.6M template pairs over 23k templates x 512-d, laid out as IJB-C's (3,531 enrollment x 19,593
 verification templates) and at random over all templates, scored both ways (blocks of template rows x matmul;
-chunked gather + einsum) next to the matmul they are bound by, the TAR@FAR/AUC metrics, and parsing a pair file
-of that size. 1:N: 20k probes against a 3.5k-template gallery (similarity blocks, TPIR and rank-k). Figures are
-recorded in docs/benchmarks.md.
+chunked gather + einsum) next to the matmul they are bound by, and the TAR@FAR/AUC metrics. 1:N: 20k probes
+against a 3.5k-template gallery (similarity blocks, TPIR and rank-k). Figures are recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -14,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from mixbct_jax.evaluation import ijb, int_table
+from mixbct_jax.evaluation import ijb
 
 
 def _timed(label: str, fn, reps: int = 1):
@@ -50,21 +48,6 @@ def _pairs(rng, layout: str, pairs: int, templates: int, enrollment: int) -> tup
     return enroll[rng.integers(0, enroll.size, pairs)], verif[rng.integers(0, verif.size, pairs)]
 
 
-def _time_parse(rng, r1: np.ndarray, r2: np.ndarray, labels: np.ndarray, reps: int) -> None:
-    """Parsing the pair file: int_table against np.fromfile(sep=' '), the previous parser, in the same run."""
-    ids = np.sort(rng.choice(200_000, size=int(max(r1.max(), r2.max())) + 1, replace=False))  # ids up to 6 digits
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ijbc_template_pair_label.txt")
-        with open(path, "w") as f:
-            for s in range(0, labels.size, 1 << 20):
-                e = min(s + (1 << 20), labels.size)
-                f.write("".join(f"{a} {b} {c}\n" for a, b, c in zip(ids[r1[s:e]], ids[r2[s:e]], labels[s:e])))
-        print(f"pair file: {labels.size:,} lines, {os.path.getsize(path) / 1e6:.0f} MB (page cache)")
-        table = _timed("  int_table.read_int_table", lambda: int_table.read_int_table(path, 3), reps)
-        ref = _timed("  reference: np.fromfile(sep=' ')", lambda: np.fromfile(path, np.int64, sep=" "), reps)
-        assert np.array_equal(table.reshape(-1), ref), "the two parsers disagree"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--templates", type=int, default=23124)  # IJB-C 1:1 templates
@@ -73,7 +56,6 @@ def main() -> None:
     p.add_argument("--probes", type=int, default=19593)
     p.add_argument("--gallery", type=int, default=3531)  # G1 1772 + G2 1759
     p.add_argument("--methods", default="blocks,gather")
-    p.add_argument("--skip-parse", action="store_true", help="do not write and parse a pair file")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of each fast step (gather runs once)")
     p.add_argument(
         "--layouts",
@@ -120,9 +102,6 @@ def main() -> None:
     _timed("  verification_metrics (ROC, TAR@FAR, AUC)", lambda: ijb.verification_metrics(scores, labels), args.reps)
     # The reference for the ROC, in the same run: sklearn's roc_curve, which the reference script calls.
     _timed("  reference: sklearn.metrics.roc_curve alone", lambda: roc_curve(labels, scores), args.reps)
-
-    if not args.skip_parse:
-        _time_parse(rng, r1, r2, labels, args.reps)
 
     print(f"1:N, {args.probes:,} probes x {args.gallery:,} gallery templates")
     gallery_ids = np.arange(args.gallery)

@@ -34,7 +34,6 @@ import numpy as np
 from sklearn.metrics import auc
 
 from mixbct_jax.evaluation.embedding import Embedder, Scale, embed_with_flip, image_size_of
-from mixbct_jax.evaluation.int_table import read_int_table
 from mixbct_jax.evaluation.roc import roc_points
 from mixbct_jax.progress import Progress
 
@@ -227,12 +226,17 @@ def _read_rows(path: str, ncols: int) -> list[list[str]]:
 
 
 def _read_pairs(path: str) -> tuple[np.ndarray, np.ndarray]:
-    # 15.66M lines in IJB-C: parsed with array operations (int_table), ≈ 1 s instead of ≈ 8 s for np.fromfile.
-    table = read_int_table(path, 3)
+    # 15.6M lines in IJB-C: numpy's C text parser, not Python.
+    try:
+        flat = np.fromfile(path, dtype=np.int64, sep=" ")
+    except ValueError as err:
+        raise ValueError(f"{path}: expected integer lines 't1 t2 label' ({err})") from None
+    if flat.size == 0 or flat.size % 3:
+        raise ValueError(f"{path}: expected lines of 3 integers 't1 t2 label', got {flat.size} numbers")
+    table = flat.reshape(-1, 3)
     labels = table[:, 2]
     if not np.isin(labels, (0, 1)).all():
-        line = int(np.argmax(~np.isin(labels, (0, 1))))
-        raise ValueError(f"{path}: the third column (label) must be 0 or 1; pair {line + 1} has {labels[line]}")
+        raise ValueError(f"{path}: the third column (label) must be 0 or 1")
     return table[:, :2].copy(), labels.copy()
 
 
