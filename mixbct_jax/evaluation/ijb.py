@@ -459,10 +459,14 @@ def pair_scores(
     rows1, rows2 = np.asarray(rows1), np.asarray(rows2)
     n = rows1.shape[0]
     out = np.empty(n, dtype=np.float32)
+    if method not in ("auto", "gather", "blocks"):
+        raise ValueError(f"method must be 'auto', 'gather' or 'blocks', got {method!r}")
+    if n and method != "gather":  # the used templates of each column: blocks' grid, and auto's cost of it
+        ranks = _dense_ranks(rows1, feats1.shape[0]), _dense_ranks(rows2, feats2.shape[0])
     if method == "auto":
         # A matmul score costs ~1/85 of a gathered pair (measured at IJB-C's sizes, benchmarks/ijb_scoring.py);
         # stay conservative at 1/60.
-        grid = _used_count(rows1, feats1.shape[0]) * _used_count(rows2, feats2.shape[0]) if n else 0
+        grid = ranks[0][0].size * ranks[1][0].size if n else 0
         method = "blocks" if grid <= 60 * n else "gather"
     if method == "gather":
         with Progress(n, "score pairs", unit="pair") as bar:
@@ -470,19 +474,13 @@ def pair_scores(
                 e = min(s + chunk_size, n)
                 out[s:e] = np.einsum("ij,ij->i", feats1[rows1[s:e]], feats2[rows2[s:e]])
                 bar.update(e - s)
-    elif method == "blocks":
-        _block_scores(feats1, feats2, rows1, rows2, block_rows, out)
-    else:
-        raise ValueError(f"method must be 'auto', 'gather' or 'blocks', got {method!r}")
+    elif n:
+        (used_rows, rank1), (used_cols, rank2) = ranks
+        _block_scores(feats1, feats2[used_cols], used_rows, rank1, rank2, block_rows, out)
     return out
 
 
 _TILE_BYTES = 512 << 20  # the 'blocks' similarity tile when block_rows is None
-
-
-def _used_count(rows: np.ndarray, size: int) -> int:
-    """How many distinct values of `rows` (ints in [0, size)); a bincount, no sort of the P ids."""
-    return int(np.count_nonzero(np.bincount(rows, minlength=size)))
 
 
 def _dense_ranks(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -494,31 +492,28 @@ def _dense_ranks(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _block_scores(
     feats1: np.ndarray,
-    feats2: np.ndarray,
-    rows1: np.ndarray,
-    rows2: np.ndarray,
+    used_feats2: np.ndarray,
+    used_rows: np.ndarray,
+    rank1: np.ndarray,
+    rank2: np.ndarray,
     block_rows: int | None,
     out: np.ndarray,
 ) -> None:
     """pair_scores' 'blocks' strategy, written into ``out`` [P].
 
-    Only the templates the pairs use enter the matmul: the used rows of feats1 and of feats2 get dense ranks
-    through a bincount (O(P), no sort of the ids), so the product is [U1, U2] rather than [T1, T2]. On IJB-C
-    the first column holds the 3,531 enrollment templates and the second the 19,593 verification templates,
-    so this is 13% of the 23,124^2 product. The pairs are grouped by block of U1 ranks with a stable radix
-    sort of the block numbers (small integers); each block's [b, U2] similarities go into one reused buffer,
-    and a pair's score is read at its flat offset. When the whole grid fits one tile (IJB-C's does), there is
-    no grouping: one matmul, then one pick in pair order.
+    Only the templates the pairs use enter the matmul: the used rows of feats1 (`used_rows` [U1]) and of feats2
+    (`used_feats2` [U2, D]) with each pair's dense rank among them (`rank1`, `rank2` [P], from a bincount: O(P),
+    no sort of the ids), so the product is [U1, U2] rather than [T1, T2]. On IJB-C the first column holds the
+    3,531 enrollment templates and the second the 19,593 verification templates, so this is 13% of the 23,124^2
+    product. The pairs are grouped by block of U1 ranks with a stable radix sort of the block numbers (small
+    integers); each block's [b, U2] similarities go into one reused buffer, and a pair's score is read at its
+    flat offset. When the whole grid fits one tile (IJB-C's does), there is no grouping: one matmul, then one
+    pick in pair order.
     """
-    n = rows1.shape[0]
-    if n == 0:
-        return
-    used_rows, rank1 = _dense_ranks(rows1, feats1.shape[0])
-    used_cols, rank2 = _dense_ranks(rows2, feats2.shape[0])
-    u2 = used_cols.size
+    n, u2 = rank1.shape[0], used_feats2.shape[0]
     if block_rows is None:
         block_rows = max(1, _TILE_BYTES // (4 * u2))
-    feats2_t = np.ascontiguousarray(feats2[used_cols].T)  # [D,U2]
+    feats2_t = np.ascontiguousarray(used_feats2.T)  # [D,U2]
     if used_rows.size <= block_rows:  # one tile: no grouping, one pick in pair order
         sim = np.matmul(feats1[used_rows], feats2_t)  # [U1,U2]
         np.take(sim.reshape(-1), rank1.astype(np.int64) * u2 + rank2, out=out)
